@@ -1,0 +1,260 @@
+"""The recipe schema: every key a user can write, with its type, default and meaning.
+
+These pydantic models are the documentation of the recipe format (`docs/recipe.md` is generated
+from them by `sslrecipe validate --schema`). Unknown keys are errors everywhere (`extra="forbid"`),
+so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DATA_FORMATS = ("auto", "coco", "yolo", "voc", "hit-uav")
+DataFormat = Literal["auto", "coco", "yolo", "voc", "hit-uav"]
+
+
+class Section(BaseModel):
+    """Base of every recipe section: strict about unknown keys, validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class SyntheticConfig(Section):
+    """Built-in synthetic infrared scenes (`sslrecipe data synth`): no download needed."""
+
+    images: int = Field(120, ge=1, description="Number of images to generate.")
+    width: int = Field(320, ge=32, description="Image width in pixels.")
+    height: int = Field(256, ge=32, description="Image height in pixels.")
+    seed: Optional[int] = Field(None, description="Generator seed; null = the recipe's `seed`.")
+    objects_per_image: tuple[int, int] = Field(
+        (3, 12), description="Inclusive range [min, max] of objects placed in each image."
+    )
+    bit_depth: Literal[8, 16] = Field(8, description="Bits per pixel of the written PNGs (16 = raw-like thermal).")
+
+    @field_validator("objects_per_image")
+    @classmethod
+    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 0 or v[1] < v[0]:
+            raise ValueError("must be [min, max] with 0 <= min <= max")
+        return v
+
+
+class UnlabeledSynthetic(Section):
+    """An unlabeled pool made by the synthetic generator (its labels are discarded)."""
+
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="Generator settings.")
+
+
+class LabeledSource(Section):
+    """One labeled set: an annotation file (or YOLO dataset YAML / VOC folder) and its images."""
+
+    annotations: str = Field(..., description="Annotation file or dataset folder.")
+    images: Optional[str] = Field(None, description="Image folder; null = `data.images`, else next to the annotations.")
+    format: DataFormat = Field("auto", description="Annotation format; `auto` detects it from the file.")
+
+
+class DataConfig(Section):
+    """Where the images come from: an unlabeled pool for pre-training and labeled sets for fine-tuning."""
+
+    unlabeled: Union[str, UnlabeledSynthetic, None] = Field(
+        None,
+        description="Unlabeled pool for pre-training: a folder of images (searched recursively; "
+        "jpg/png/tif/tiff/bmp, 8/16-bit, 1 or 3 channels) or `{synthetic: {...}}`. "
+        "null = the training images without their labels.",
+    )
+    train: Union[str, LabeledSource, None] = Field(None, description="Labeled training set (path or {annotations, images, format}).")
+    val: Union[str, LabeledSource, None] = Field(None, description="Labeled validation set.")
+    test: Union[str, LabeledSource, None] = Field(None, description="Labeled test set.")
+    images: Optional[str] = Field(None, description="Default image root for labeled sets given as a bare path.")
+    format: DataFormat = Field("auto", description="Default annotation format for bare paths.")
+    shots: Optional[int] = Field(
+        None, ge=1, description="Use only this many labeled training images (seeded; every class kept where possible). null = all."
+    )
+    split: tuple[float, float, float] = Field(
+        (0.6, 0.2, 0.2),
+        description="train/val/test fractions used when only one labeled set is given (`train` or `synthetic`); the survey's 60:20:20.",
+    )
+    synthetic: Optional[SyntheticConfig] = Field(
+        None, description="Built-in labeled synthetic IR data, split by `split`. Used when `train` is null."
+    )
+    skip_invalid: bool = Field(
+        False, description="Drop invalid labeled images/boxes with a warning instead of stopping the run."
+    )
+
+    @field_validator("split")
+    @classmethod
+    def _split_sums_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(x < 0 for x in v) or abs(sum(v) - 1.0) > 1e-6 or v[0] <= 0:
+            raise ValueError("must be three non-negative fractions [train, val, test] summing to 1, train > 0")
+        return v
+
+
+# --------------------------------------------------------------------------- model and weights
+
+
+class BackboneConfig(Section):
+    """The encoder: any timm model name."""
+
+    name: str = Field("resnet18", description="timm model name, e.g. resnet18, resnet50, vit_small_patch16_224.")
+    in_chans: int = Field(3, ge=1, description="Input channels (1 for single-band thermal; the first layer is adapted as timm does).")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for timm.create_model.")
+
+
+class WeightsConfig(Section):
+    """Where the encoder's initial weights come from."""
+
+    source: Literal["scratch", "pretrain", "fetch", "file"] = Field(
+        "scratch",
+        description="scratch: random init; pretrain: SSL pre-training in this run (`pretrain:`); "
+        "fetch: a public checkpoint (`id`); file: a local checkpoint (`path`).",
+    )
+    id: Optional[str] = Field(None, description="Catalogue name, URL or hf://REPO/FILE[@REV] for `source: fetch`.")
+    path: Optional[str] = Field(None, description="Local checkpoint for `source: file` (safetensors, or a weights-only torch file).")
+    sha256: Optional[str] = Field(None, description="Expected SHA-256 of the fetched/loaded file.")
+    format: Optional[str] = Field(None, description="Checkpoint layout for conversion (dino, mae, timm, ...); null = detect.")
+
+    @model_validator(mode="after")
+    def _needs_reference(self) -> "WeightsConfig":
+        if self.source == "fetch" and not self.id:
+            raise ValueError("weights.source is 'fetch' but weights.id is not set (a catalogue name, URL or hf:// path)")
+        if self.source == "file" and not self.path:
+            raise ValueError("weights.source is 'file' but weights.path is not set")
+        return self
+
+
+class OptimConfig(Section):
+    """Optimizer and schedule keys shared by pre-training and fine-tuning."""
+
+    optimizer: Literal["adamw", "sgd", "lamb"] = Field("adamw", description="Optimizer.")
+    lr: Optional[float] = Field(None, gt=0, description="Peak learning rate; null = `blr` x batch_size / 256 (linear scaling rule).")
+    blr: float = Field(1e-4, gt=0, description="Base learning rate per 256 images, used when `lr` is null.")
+    weight_decay: float = Field(0.05, ge=0, description="Weight decay (not applied to biases and norm parameters).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam/LAMB betas.")
+    momentum: float = Field(0.9, ge=0, description="SGD momentum.")
+    schedule: Literal["cosine", "step", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    warmup_steps: Optional[int] = Field(None, ge=0, description="Linear warmup steps; null = `warmup_fraction` of training.")
+    warmup_fraction: float = Field(0.05, ge=0, le=1, description="Warmup length as a fraction of all steps when `warmup_steps` is null.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a fraction of the peak lr.")
+    milestones: tuple[float, ...] = Field((0.75, 11 / 12), description="`step` schedule: decay points as fractions of training.")
+    gamma: float = Field(0.2, gt=0, description="`step` schedule: lr multiplier at each milestone (the survey's x0.2).")
+    clip_grad: Optional[float] = Field(None, gt=0, description="Clip the gradient norm to this value; null = no clipping.")
+    accumulate: int = Field(1, ge=1, description="Gradient accumulation: optimizer step every N batches.")
+
+    def peak_lr(self, batch_size: int) -> float:
+        return self.lr if self.lr is not None else self.blr * batch_size * self.accumulate / 256
+
+
+class PretrainConfig(OptimConfig):
+    """SSL pre-training of the backbone on the unlabeled pool (used when `weights.source: pretrain`)."""
+
+    method: Optional[str] = Field(None, description="SSL method: mae, spark, dino, resim, leopart, hybrid.")
+    epochs: Optional[int] = Field(None, ge=1, description="Epochs over the unlabeled pool (or give `steps`).")
+    steps: Optional[int] = Field(None, ge=1, description="Optimizer steps; overrides `epochs`.")
+    batch_size: int = Field(64, ge=1, description="Images per batch (global).")
+    img_size: int = Field(224, ge=16, description="Pre-training crop size in pixels.")
+    blr: float = Field(1.5e-4, gt=0, description="Base learning rate per 256 images.")
+    init: Optional[WeightsConfig] = Field(None, description="Start from these weights instead of random init (e.g. continue public MAE weights).")
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Method-specific keys, one mapping per method name (e.g. `options: {mae: {mask_ratio: 0.75}}`); "
+        "each method validates its own keys.",
+    )
+
+    @model_validator(mode="after")
+    def _length(self) -> "PretrainConfig":
+        if self.epochs is None and self.steps is None:
+            self.epochs = 100
+        return self
+
+
+class FinetuneConfig(OptimConfig):
+    """Detector fine-tuning on the labeled training set."""
+
+    detector: Literal["faster_rcnn", "mask_rcnn", "yolo"] = Field("faster_rcnn", description="Detector architecture.")
+    epochs: Optional[int] = Field(12, ge=1, description="Epochs over the (few-shot) training set.")
+    steps: Optional[int] = Field(None, ge=1, description="Optimizer steps; overrides `epochs`.")
+    batch_size: int = Field(8, ge=1, description="Images per batch (global).")
+    img_size: int = Field(
+        512, ge=32, description="Longest image side fed to the detector (images are resized so this side matches; small objects grow with it)."
+    )
+    schedule: Literal["cosine", "step", "constant"] = Field("step", description="The survey's ResNet schedule: step x0.2 at 3/4 and 11/12.")
+    blr: float = Field(1e-4 * 256 / 16, gt=0, description="Base learning rate per 256 images (AdamW 1e-4 at batch 16).")
+    weight_decay: float = Field(0.1, ge=0, description="Weight decay.")
+    anchor_sizes: Optional[tuple[int, ...]] = Field(
+        None, description="One anchor size per FPN level in pixels; null = chosen from the training boxes' sizes."
+    )
+    trainable_stages: Optional[int] = Field(
+        None, ge=0, description="Train only the last N backbone stages; null = all (the SSL-transfer protocol)."
+    )
+    norm: Literal["bn", "frozen_bn"] = Field("bn", description="Backbone BatchNorm: trainable (SSL transfer) or frozen.")
+    hflip: bool = Field(True, description="Random horizontal flip augmentation.")
+    max_detections: int = Field(300, ge=1, description="Detections kept per image (dense small-object scenes exceed 100).")
+
+
+class EvaluateConfig(Section):
+    """Evaluation of the fine-tuned detector."""
+
+    split: Literal["val", "test"] = Field("test", description="Which labeled set to evaluate on.")
+    max_dets: int = Field(100, ge=1, description="COCO maxDets used for AP (100 is COCO's; raise it for dense scenes).")
+    batch_size: int = Field(8, ge=1, description="Images per inference batch.")
+    score_threshold: float = Field(0.05, ge=0, le=1, description="Detections below this score are dropped before evaluation.")
+
+
+class ReportConfig(Section):
+    """The run report (`RUN/report.md`)."""
+
+    images: int = Field(4, ge=0, description="Test images drawn with their detections.")
+    score_threshold: float = Field(0.5, ge=0, le=1, description="Detections drawn on the report images.")
+
+
+class RuntimeConfig(Section):
+    """Where and how to compute."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Autocast precision; auto = bf16 on a GPU that has it, else fp32.")
+    workers: int = Field(2, ge=0, description="Data-loading worker processes.")
+    threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch; null = torch's default.")
+    checkpoint_every: int = Field(50, ge=1, description="Write a resumable checkpoint every N optimizer steps (and at each stage end).")
+    progress: Literal["auto", "rich", "plain"] = Field("auto", description="Progress display: rich bar on a terminal, plain lines otherwise.")
+
+
+class MatrixArm(Section):
+    name: str = Field(..., description="Arm name (used in the run directory and the comparison table).")
+    set: dict[str, Any] = Field(default_factory=dict, description="Dotted-key overrides for this arm, as with --set.")
+
+
+class MatrixConfig(Section):
+    """Several runs from one recipe (methods x backbones x shots x seeds) compared in one table."""
+
+    axes: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted key -> values; the cartesian product makes the cells.")
+    arms: list[MatrixArm] = Field(default_factory=list, description="Named variants, each crossed with `axes` (e.g. the advised method and its baseline).")
+
+
+class Recipe(Section):
+    """A complete sslrecipe run: data -> [pretrain] -> weights -> finetune -> evaluate -> report."""
+
+    name: str = Field("run", description="Run name; the default run dir is runs/<name>-<timestamp>.")
+    seed: int = Field(0, description="Seed for sampling, augmentation, initialisation and the synthetic generator.")
+    extends: Union[str, list[str], None] = Field(None, description="Base recipe(s) deep-merged under this one (paths relative to this file).")
+    data: DataConfig = Field(default_factory=DataConfig, description="Datasets.")
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig, description="Encoder.")
+    weights: WeightsConfig = Field(default_factory=WeightsConfig, description="Initial encoder weights.")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="SSL pre-training (weights.source: pretrain).")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="Detector fine-tuning.")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluation.")
+    report: ReportConfig = Field(default_factory=ReportConfig, description="Report.")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Device, precision, workers, checkpoints.")
+    matrix: Optional[MatrixConfig] = Field(None, description="Run a grid of variants of this recipe and compare them.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        if self.weights.source == "pretrain" and not self.pretrain.method:
+            raise ValueError("weights.source is 'pretrain' but pretrain.method is not set (e.g. mae, spark, dino, resim, leopart)")
+        if self.data.train is None and self.data.synthetic is None:
+            raise ValueError("no labeled data: set data.train (a path or {annotations, images}) or data.synthetic")
+        return self
