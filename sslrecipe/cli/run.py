@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
+
+from sslrecipe.engine.loop import Interrupted
+from sslrecipe.engine.pipeline import STAGE_ORDER
+from sslrecipe.engine.runner import run_recipe
 
 from sslrecipe.recipe import load_recipe, recipe_to_yaml
 
@@ -23,7 +29,25 @@ def validate(recipe: str, overrides: tuple[str, ...], print_: bool) -> None:
 
 
 @click.command()
-@click.argument("recipe", type=click.Path(dir_okay=False))
-def run(recipe: str) -> None:
-    """Run a recipe (being built)."""
-    load_recipe(recipe)
+@click.argument("recipe", type=click.Path())
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+@click.option("--run-dir", type=click.Path(file_okay=False), help="Run directory (default runs/<name>-<timestamp>); reuse one to skip finished stages and resume.")
+@click.option("--until", type=click.Choice(STAGE_ORDER), help="Stop after this stage.")
+@click.option("--force", multiple=True, type=click.Choice(STAGE_ORDER), help="Rerun this stage and the ones after it (repeatable).")
+@click.option("--progress", type=click.Choice(["auto", "rich", "plain"]), default=None, help="Progress display (default: runtime.progress).")
+def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, until: str | None, force: tuple[str, ...], progress: str | None) -> None:
+    """Run RECIPE: data -> [pretrain] -> weights -> finetune -> evaluate -> report.
+
+    RECIPE is a recipe file, or a run directory to resume with its own resolved.yaml.
+    Finished stages are skipped; an interrupted stage resumes from its last checkpoint.
+    Ctrl-C stops gracefully with a checkpoint.
+    """
+    try:
+        target = run_recipe(recipe, overrides, run_dir=run_dir, until=until, force=force, progress=progress)
+    except Interrupted as e:
+        click.secho(f"interrupted: {e}", fg="yellow", err=True)
+        sys.exit(130)
+    report = target / "report.md"
+    click.echo(f"run dir: {target}")
+    if report.is_file():
+        click.echo(f"report:  {report}")

@@ -226,7 +226,8 @@ def _format_errors(err: ValidationError, raw: RawRecipe) -> str:
             model = _model_at(loc)
             valid = sorted(model.model_fields) if model else []
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-            hint = f" did you mean {close[0]}?" if close else ""
+            prefix = ".".join(str(p) for p in loc[:-1])
+            hint = f" Did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
             parent = ".".join(str(p) for p in loc[:-1]) or "the recipe's top level"
             msg = f"{where}: unknown key '{dotted}'.{hint} Valid keys in {parent}: {', '.join(valid)}"
         elif dotted:

@@ -1,0 +1,185 @@
+"""The stage pipeline: data -> [pretrain] -> weights -> finetune -> evaluate -> report.
+
+Each stage runs in `RUN/<stage>-<hash>/`. The hash covers the stage's resolved config, the hashes of
+the stages it reads and (for the data stage) a fingerprint of the input files, so a rerun skips
+finished stages (`stage_cached`) and changing a fine-tuning key never reruns pre-training. A stage
+directory without `done.json` is unfinished: the stage resumes from its checkpoint there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from sslrecipe import __version__
+from sslrecipe.engine.checkpoint import atomic_write_text
+from sslrecipe.engine.events import EventLog
+from sslrecipe.engine.loop import Interrupted
+from sslrecipe.engine.signals import graceful_stop
+from sslrecipe.errors import SSLRecipeError
+from sslrecipe.recipe import Recipe, recipe_to_yaml
+
+STAGE_ORDER = ("data", "pretrain", "weights", "finetune", "evaluate", "report")
+DONE_NAME = "done.json"
+
+
+def stable_hash(obj: Any, length: int = 12) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+@dataclass
+class StageContext:
+    """What a running stage sees: its directory, the recipe, the event log and its upstream stages."""
+
+    name: str
+    recipe: Recipe
+    run_dir: Path
+    stage_dir: Path
+    stage_hash: str
+    events: EventLog
+    upstream: dict[str, Path] = field(default_factory=dict)  # stage name -> finished stage dir
+
+    def warn(self, message: str) -> None:
+        self.events.emit("warning", self.name, message=message)
+
+    def metric(self, name: str, value: Any) -> None:
+        self.events.emit("metric", self.name, name=name, value=value)
+
+
+@dataclass
+class Stage:
+    name: str
+    needs: tuple[str, ...]
+    config: Callable[[Recipe], Any]  # the part of the recipe this stage's output depends on
+    run: Callable[[StageContext], Optional[dict]]  # returns a summary stored in done.json
+    enabled: Callable[[Recipe], bool] = lambda recipe: True
+    fingerprint: Callable[[Recipe], Any] = lambda recipe: None  # content of external inputs
+    hash_upstream: Optional[tuple[str, ...]] = None  # upstream stages whose hash enters ours; None = needs
+
+
+def default_run_dir(recipe: Recipe, root: Path = Path("runs")) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return root / f"{recipe.name}-{stamp}"
+
+
+def _versions() -> dict[str, str]:
+    import timm
+    import torchvision
+
+    return {
+        "sslrecipe": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "torchvision": torchvision.__version__, "timm": timm.__version__,
+    }
+
+
+class Pipeline:
+    def __init__(self, stages: list[Stage]):
+        self.stages = stages
+        self.by_name = {s.name: s for s in stages}
+
+    def run(
+        self,
+        recipe: Recipe,
+        run_dir: Path,
+        until: Optional[str] = None,
+        force: tuple[str, ...] = (),
+        listeners: tuple[Callable[[dict], None], ...] = (),
+    ) -> dict[str, Path]:
+        for name in (until, *force):
+            if name is not None and name not in self.by_name:
+                raise SSLRecipeError(f"unknown stage {name!r}; stages are: {', '.join(self.by_name)}")
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        events = EventLog(run_dir / "events.jsonl")
+        for listener in listeners:
+            events.subscribe(listener)
+        resolved = run_dir / "resolved.yaml"
+        atomic_write_text(resolved, recipe_to_yaml(recipe))
+        events.emit(
+            "run_start", None, world_size=1, versions=_versions(), recipe=str(resolved), run_dir=str(run_dir.resolve()),
+            pid=os.getpid(), name=recipe.name,
+        )
+        started = time.time()
+        done: dict[str, Path] = {}
+        hashes: dict[str, str] = {}
+        forcing = False
+        status = "failed"
+        current: Optional[str] = None
+        try:
+            with graceful_stop():
+                for stage in self.stages:
+                    if not stage.enabled(recipe):
+                        continue
+                    current = stage.name
+                    forcing = forcing or stage.name in force
+                    stage_hash = stable_hash(
+                        {
+                            "stage": stage.name,
+                            "config": stage.config(recipe),
+                            "upstream": {n: hashes[n] for n in (stage.needs if stage.hash_upstream is None else stage.hash_upstream)
+                                         if n in hashes},
+                            "fingerprint": stage.fingerprint(recipe),
+                        }
+                    )
+                    hashes[stage.name] = stage_hash
+                    stage_dir = run_dir / f"{stage.name}-{stage_hash}"
+                    if forcing and stage_dir.exists():
+                        shutil.rmtree(stage_dir)
+                    if (stage_dir / DONE_NAME).is_file():
+                        events.emit("stage_cached", stage.name, dir=str(stage_dir), hash=stage_hash)
+                    else:
+                        self._run_stage(stage, recipe, run_dir, stage_dir, stage_hash, events, done)
+                    done[stage.name] = stage_dir
+                    if until == stage.name:
+                        break
+            current = None
+            status = "finished"
+            return done
+        except Interrupted as e:
+            status = "interrupted"
+            events.emit("warning", e.stage, message=str(e))
+            raise
+        except SSLRecipeError as e:
+            events.emit("error", current, message=str(e))
+            raise
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        except Exception as e:  # an unexpected failure: recorded for the TUI, re-raised for the CLI
+            events.emit("error", current, message=f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            events.emit("run_end", None, status=status, seconds=round(time.time() - started, 2))
+
+    def _run_stage(self, stage, recipe, run_dir, stage_dir, stage_hash, events, done) -> None:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        events.emit("stage_start", stage.name, dir=str(stage_dir), hash=stage_hash)
+        t0 = time.time()
+        ctx = StageContext(stage.name, recipe, run_dir, stage_dir, stage_hash, events, {n: done[n] for n in stage.needs if n in done})
+        summary = stage.run(ctx) or {}
+        seconds = round(time.time() - t0, 2)
+        atomic_write_text(
+            stage_dir / DONE_NAME,
+            json.dumps({"stage": stage.name, "hash": stage_hash, "seconds": seconds, **summary}, indent=2, default=str),
+        )
+        events.emit("stage_end", stage.name, dir=str(stage_dir), seconds=seconds)
+
+
+def read_done(stage_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(stage_dir) / DONE_NAME).read_text())
+
+
+def python_executable() -> str:
+    return sys.executable

@@ -1,0 +1,62 @@
+"""`run_recipe`: load a recipe, pick the run directory, run the pipeline, publish the report."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import torch
+
+from sslrecipe.engine.console import ConsoleReporter
+from sslrecipe.engine.pipeline import default_run_dir
+from sslrecipe.engine.stages import build_pipeline, publish
+from sslrecipe.recipe import Recipe, load_recipe
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_run_target(target: str | Path, run_dir: Optional[str | Path]) -> tuple[Path, Optional[Path]]:
+    """A run directory given as RECIPE means: resume it with its own resolved.yaml."""
+    target = Path(target)
+    if target.is_dir():
+        resolved = target / "resolved.yaml"
+        if not resolved.is_file():
+            from sslrecipe.errors import RecipeError
+
+            raise RecipeError(f"{target} is a directory without resolved.yaml: give a recipe file or a run directory")
+        return resolved, Path(run_dir) if run_dir else target
+    return target, Path(run_dir) if run_dir else None
+
+
+def run_recipe(
+    recipe_path: str | Path,
+    overrides: Iterable[str] = (),
+    run_dir: Optional[str | Path] = None,
+    until: Optional[str] = None,
+    force: Iterable[str] = (),
+    progress: Optional[str] = None,
+    listeners: Iterable[Callable[[dict], None]] = (),
+    recipe: Optional[Recipe] = None,
+) -> Path:
+    recipe_file, chosen_dir = resolve_run_target(recipe_path, run_dir)
+    recipe = recipe or load_recipe(recipe_file, overrides)
+    if recipe.runtime.threads:
+        torch.set_num_threads(recipe.runtime.threads)
+    seed_everything(recipe.seed)
+    target = chosen_dir or default_run_dir(recipe)
+    reporter = ConsoleReporter(progress or recipe.runtime.progress) if progress != "off" else None
+    all_listeners = tuple(listeners) + ((reporter,) if reporter else ())
+    try:
+        done = build_pipeline().run(recipe, target, until=until, force=tuple(force), listeners=all_listeners)
+    finally:
+        if reporter:
+            reporter.close()
+    if "report" in done:
+        publish(target, done["report"])
+    return target

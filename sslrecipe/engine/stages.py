@@ -1,0 +1,443 @@
+"""The concrete stages of a run, wired from the library's parts (data, ssl, models, detect, evaluate, report).
+
+Each function receives a StageContext, writes its outputs into `ctx.stage_dir` and returns a small
+summary (stored in `done.json`). The hash inputs of each stage are declared in `build_pipeline`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from sslrecipe.engine.checkpoint import atomic_write_text
+from sslrecipe.engine.loop import LoopSettings, TrainLoop, resolve_device, resolve_precision
+from sslrecipe.engine.pipeline import Pipeline, Stage, StageContext
+from sslrecipe.errors import DataError, SSLRecipeError
+from sslrecipe.recipe import Recipe
+from sslrecipe.recipe.schema import LabeledSource
+
+MANIFEST = "data.json"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _dump(model) -> Any:
+    return model.model_dump(mode="json") if model is not None and hasattr(model, "model_dump") else model
+
+
+def _labeled_source(recipe: Recipe, value) -> Optional[LabeledSource]:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return LabeledSource(annotations=value, images=recipe.data.images, format=recipe.data.format)
+    if value.images is None and recipe.data.images is not None:
+        return value.model_copy(update={"images": recipe.data.images})
+    return value
+
+
+def _path_fingerprint(path: Optional[str]) -> Any:
+    """Cheap content fingerprint: file size + mtime (+ a folder's listing summary)."""
+    if not path:
+        return None
+    p = Path(path)
+    if p.is_file():
+        st = p.stat()
+        return [str(p), st.st_size, int(st.st_mtime)]
+    if p.is_dir():
+        count, size, newest = 0, 0, 0
+        for root, _dirs, files in os.walk(p):
+            for f in files:
+                try:
+                    st = os.stat(os.path.join(root, f))
+                except OSError:
+                    continue
+                count, size, newest = count + 1, size + st.st_size, max(newest, int(st.st_mtime))
+        return [str(p), count, size, newest]
+    return [str(p), "missing"]
+
+
+def _labeled_fingerprint(recipe: Recipe) -> Any:
+    out = {}
+    for split in ("train", "val", "test"):
+        src = _labeled_source(recipe, getattr(recipe.data, split))
+        if src is not None:
+            out[split] = [_path_fingerprint(src.annotations), _path_fingerprint(src.images)]
+    return out
+
+
+def read_manifest(data_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(data_dir) / MANIFEST).read_text())
+
+
+def _device_precision(recipe: Recipe) -> tuple[torch.device, str]:
+    device = resolve_device(recipe.runtime.device)
+    return device, resolve_precision(recipe.runtime.precision, device)
+
+
+def _total_steps(steps: Optional[int], epochs: Optional[int], n: int, batch_size: int, accumulate: int, drop_last: bool) -> int:
+    if steps is not None:
+        return steps
+    per_epoch = (n // batch_size) if drop_last else math.ceil(n / batch_size)
+    return max(1, (epochs or 1) * per_epoch // accumulate)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def run_data(ctx: StageContext) -> dict:
+    from sslrecipe.data.coco import load_coco
+    from sslrecipe.data.sampling import sample_shots, split_coco
+    from sslrecipe.data.synth import generate_synthetic
+
+    recipe, out = ctx.recipe, ctx.stage_dir
+    d = recipe.data
+    splits: dict[str, tuple[dict, Path]] = {}
+    if d.train is not None:
+        for name in ("train", "val", "test"):
+            src = _labeled_source(recipe, getattr(d, name))
+            if src is not None:
+                splits[name] = _load_labeled(src)
+    else:
+        syn = d.synthetic
+        ann = generate_synthetic(
+            out / "synthetic", images=syn.images, width=syn.width, height=syn.height,
+            seed=recipe.seed if syn.seed is None else syn.seed, objects_per_image=tuple(syn.objects_per_image),
+            bit_depth=syn.bit_depth,
+        )
+        splits["train"] = (load_coco(ann), ann.parent / "images")
+    if "val" not in splits and "test" not in splits:
+        full, root = splits["train"]
+        train, val, test = split_coco(full, tuple(d.split), seed=recipe.seed)
+        splits = {"train": (train, root), "val": (val, root), "test": (test, root)}
+        ctx.events.emit("metric", "data", name="data/split", value={k: len(v[0]["images"]) for k, v in splits.items()})
+    if recipe.evaluate.split not in splits or not splits[recipe.evaluate.split][0]["images"]:
+        raise DataError(
+            f"evaluate.split is '{recipe.evaluate.split}' but there is no {recipe.evaluate.split} set; "
+            f"set data.{recipe.evaluate.split} or evaluate.split to one of: {', '.join(k for k in splits if splits[k][0]['images'])}"
+        )
+
+    _check_labeled(ctx, splits)
+
+    pool_images = [str(Path(splits["train"][1]) / im["file_name"]) for im in splits["train"][0]["images"]]
+    train, root = splits["train"]
+    if d.shots is not None:
+        train = sample_shots(train, d.shots, seed=recipe.seed)
+        ids = sorted(im["id"] for im in train["images"])
+        atomic_write_text(out / "shots.json", json.dumps({"shots": d.shots, "seed": recipe.seed, "image_ids": ids}, indent=1))
+        if len(ids) < d.shots:
+            ctx.warn(f"data.shots is {d.shots} but the training set has only {len(ids)} images; using all of them")
+        splits["train"] = (train, root)
+
+    manifest: dict[str, Any] = {"splits": {}, "categories": splits["train"][0]["categories"]}
+    for name, (coco, root) in splits.items():
+        path = out / f"{name}.json"
+        atomic_write_text(path, json.dumps(coco))
+        manifest["splits"][name] = {"annotations": path.name, "image_root": str(Path(root).resolve()), "images": len(coco["images"]),
+                                    "boxes": sum(1 for a in coco["annotations"] if not a.get("iscrowd"))}
+
+    unlabeled = _unlabeled_pool(ctx, pool_images)
+    atomic_write_text(out / "unlabeled.txt", "".join(p + "\n" for p in unlabeled))
+    manifest["unlabeled"] = {"list": "unlabeled.txt", "images": len(unlabeled)}
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    return {k: v["images"] for k, v in manifest["splits"].items()} | {"unlabeled": len(unlabeled)}
+
+
+def _load_labeled(src: LabeledSource) -> tuple[dict, Path]:
+    try:
+        from sslrecipe.data.formats import load_labeled  # every format (COCO, YOLO, VOC, HIT-UAV)
+    except ImportError:
+        load_labeled = None
+    if load_labeled is not None:
+        coco, root = load_labeled(src.annotations, src.images, src.format)
+        return coco, Path(root)
+    from sslrecipe.data.coco import load_coco
+
+    if src.format not in ("auto", "coco"):
+        raise DataError(f"{src.annotations}: format '{src.format}' is not supported in this version; convert it to COCO")
+    root = Path(src.images) if src.images else Path(src.annotations).parent
+    return load_coco(src.annotations), root
+
+
+def _check_labeled(ctx: StageContext, splits: dict[str, tuple[dict, Path]]) -> None:
+    try:
+        from sslrecipe.data.check import check_dataset
+    except ImportError:
+        return
+    problems = []
+    for name, (coco, root) in splits.items():
+        for p in check_dataset(coco, root):
+            problems.append(f"{name}: {p.file}: {p.message}")
+    if not problems:
+        return
+    listing = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "")
+    if ctx.recipe.data.skip_invalid:
+        ctx.warn(f"{len(problems)} problems in the labeled data (skipped, data.skip_invalid is true):\n  {listing}")
+        return
+    raise DataError(
+        f"the labeled data has {len(problems)} problems:\n  {listing}\n"
+        "Fix them (see `sslrecipe data check`), or set data.skip_invalid: true to drop the broken images and boxes."
+    )
+
+
+def _unlabeled_pool(ctx: StageContext, train_images: list[str]) -> list[str]:
+    from sslrecipe.data.unlabeled import scan_unlabeled
+
+    src = ctx.recipe.data.unlabeled
+    if src is None:
+        return train_images
+    if isinstance(src, str):
+        folder = Path(src)
+        if not folder.is_dir():
+            raise DataError(f"data.unlabeled: folder {folder} not found")
+    else:
+        from sslrecipe.data.synth import generate_synthetic
+
+        syn = src.synthetic
+        ann = generate_synthetic(
+            ctx.stage_dir / "unlabeled", images=syn.images, width=syn.width, height=syn.height,
+            seed=(ctx.recipe.seed + 1) if syn.seed is None else syn.seed, objects_per_image=tuple(syn.objects_per_image),
+            bit_depth=syn.bit_depth,
+        )
+        folder = ann.parent / "images"
+    good, problems = scan_unlabeled(folder)
+    for path, reason in problems:
+        ctx.warn(f"unlabeled image skipped: {path}: {reason}")
+    if problems:
+        ctx.metric("data/unlabeled_skipped", len(problems))
+    if not good:
+        raise DataError(f"data.unlabeled: no readable images in {folder} (jpg, png, tif, tiff, bmp)")
+    return [str(p) for p in good]
+
+
+# --------------------------------------------------------------------------- pretrain
+
+
+def run_pretrain(ctx: StageContext) -> dict:
+    from sslrecipe.data.unlabeled import UnlabeledImages
+    from sslrecipe.models.backbone import export_encoder
+    from sslrecipe.ssl.registry import create_method
+
+    recipe = ctx.recipe
+    p = recipe.pretrain
+    method = create_method(p.method, recipe.backbone.name, recipe.backbone.in_chans, p.img_size,
+                           p.options.get(p.method, {}), recipe.backbone.kwargs)
+    if p.init is not None:
+        _init_encoder_from(ctx, method.encoder(), p.init)
+    paths = (ctx.upstream["data"] / "unlabeled.txt").read_text().split()
+    dataset = UnlabeledImages([Path(x) for x in paths], recipe.backbone.in_chans, transform=method.views)
+    device, precision = _device_precision(recipe)
+    total = _total_steps(p.steps, p.epochs, len(dataset), p.batch_size, p.accumulate, drop_last=True)
+    settings = LoopSettings(
+        stage="pretrain", stage_dir=ctx.stage_dir, stage_hash=ctx.stage_hash, optim=p, batch_size=p.batch_size,
+        total_steps=total, seed=recipe.seed, device=device, precision=precision, workers=recipe.runtime.workers,
+        checkpoint_every=recipe.runtime.checkpoint_every, drop_last=True, collate_fn=method.collate,
+    )
+    torch.manual_seed(recipe.seed)
+    loop = TrainLoop(settings, method, method.param_groups(p.weight_decay), dataset,
+                     loss_fn=lambda model, batch: model(batch), events=ctx.events, after_step=method.after_step)
+    result = loop.run()
+    timm_kwargs = {"in_chans": recipe.backbone.in_chans, "num_classes": 0, **recipe.backbone.kwargs}
+    timm_kwargs.update(getattr(method, "export_timm_kwargs", {}))
+    export_encoder(method.encoder(), ctx.stage_dir, recipe.backbone.name, timm_kwargs, extra={"method": p.method, "steps": result.steps})
+    return {"steps": result.steps, "final_loss": result.last_loss}
+
+
+def _init_encoder_from(ctx: StageContext, encoder: torch.nn.Module, ref) -> None:
+    from safetensors.torch import load_file
+
+    from sslrecipe.weights import resolve_weights
+
+    out = resolve_weights(ref.source, ref.id or ref.path, ref.sha256, ref.format, ctx.recipe.backbone.name,
+                          ctx.recipe.backbone.in_chans, ctx.stage_dir / "init", warn=ctx.warn)
+    encoder.load_state_dict(load_file(str(Path(out) / "encoder.safetensors")), strict=True)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def run_weights(ctx: StageContext) -> dict:
+    from sslrecipe.models.backbone import create_backbone, export_encoder
+
+    recipe, w = ctx.recipe, ctx.recipe.weights
+    timm_kwargs = {"in_chans": recipe.backbone.in_chans, "num_classes": 0, **recipe.backbone.kwargs}
+    if w.source == "scratch":
+        torch.manual_seed(recipe.seed)
+        model = create_backbone(recipe.backbone.name, in_chans=recipe.backbone.in_chans, **recipe.backbone.kwargs)
+        export_encoder(model, ctx.stage_dir, recipe.backbone.name, timm_kwargs, extra={"source": "scratch", "seed": recipe.seed})
+    elif w.source == "pretrain":
+        src = ctx.upstream["pretrain"]
+        for name in ("encoder.safetensors", "encoder.json"):
+            shutil.copy2(src / name, ctx.stage_dir / name)
+        for extra in src.glob("encoder*.safetensors"):  # e.g. an exported FPN beside the encoder
+            if extra.name != "encoder.safetensors":
+                shutil.copy2(extra, ctx.stage_dir / extra.name)
+    else:
+        from sslrecipe.weights import resolve_weights
+
+        resolve_weights(w.source, w.id if w.source == "fetch" else w.path, w.sha256, w.format, recipe.backbone.name,
+                        recipe.backbone.in_chans, ctx.stage_dir, warn=ctx.warn)
+    if not (ctx.stage_dir / "encoder.safetensors").is_file():
+        raise SSLRecipeError(f"weights stage produced no encoder.safetensors in {ctx.stage_dir}")
+    return {"source": w.source}
+
+
+# --------------------------------------------------------------------------- finetune / evaluate / report
+
+
+def _datasets(ctx: StageContext, split: str, train: bool):
+    from sslrecipe.data.coco import DetectionDataset, load_coco
+
+    manifest = read_manifest(ctx.upstream["data"])
+    entry = manifest["splits"][split]
+    coco = load_coco(ctx.upstream["data"] / entry["annotations"])
+    ds = DetectionDataset(coco, Path(entry["image_root"]), ctx.recipe.backbone.in_chans, train=train,
+                          hflip=ctx.recipe.finetune.hflip, seed=ctx.recipe.seed)
+    return coco, ds, Path(entry["image_root"])
+
+
+def build_detector_from(spec: dict, encoder_dir: Optional[Path] = None):
+    """Rebuild the fine-tuned detector described by `detector.json` (its weights are loaded by the caller)."""
+    from sslrecipe.detect.faster_rcnn import build_faster_rcnn
+    from sslrecipe.models.backbone import create_backbone, load_encoder
+
+    if encoder_dir is not None:
+        encoder, _meta = load_encoder(encoder_dir)
+    else:
+        encoder = create_backbone(spec["timm_name"], **spec["timm_kwargs"])
+    return build_faster_rcnn(
+        encoder, num_classes=spec["num_classes"], img_size=spec["img_size"], anchor_sizes=tuple(spec["anchor_sizes"]),
+        in_chans=spec["in_chans"], norm=spec["norm"], trainable_stages=spec["trainable_stages"],
+        max_detections=spec["max_detections"],
+    )
+
+
+def run_finetune(ctx: StageContext) -> dict:
+    from safetensors.torch import save_file
+
+    from sslrecipe.data.coco import collate_detection
+    from sslrecipe.detect.faster_rcnn import suggest_anchor_sizes
+    from sslrecipe.engine.schedules import param_groups_with_decay
+
+    recipe, f = ctx.recipe, ctx.recipe.finetune
+    if f.detector != "faster_rcnn":
+        raise SSLRecipeError(f"finetune.detector '{f.detector}' is not available in this version yet; use faster_rcnn")
+    coco, dataset, _root = _datasets(ctx, "train", train=True)
+    meta = json.loads((ctx.upstream["weights"] / "encoder.json").read_text())
+    anchors = tuple(f.anchor_sizes) if f.anchor_sizes else tuple(suggest_anchor_sizes(coco, f.img_size))
+    spec = {
+        "timm_name": meta["timm_name"], "timm_kwargs": meta["timm_kwargs"], "num_classes": len(dataset.label_to_category),
+        "label_to_category": {str(k): v for k, v in dataset.label_to_category.items()}, "img_size": f.img_size,
+        "anchor_sizes": list(anchors), "in_chans": recipe.backbone.in_chans, "norm": f.norm,
+        "trainable_stages": f.trainable_stages, "max_detections": f.max_detections,
+    }
+    torch.manual_seed(recipe.seed)
+    model = build_detector_from(spec, ctx.upstream["weights"])
+    device, precision = _device_precision(recipe)
+    total = _total_steps(f.steps, f.epochs, len(dataset), f.batch_size, f.accumulate, drop_last=False)
+    settings = LoopSettings(
+        stage="finetune", stage_dir=ctx.stage_dir, stage_hash=ctx.stage_hash, optim=f, batch_size=f.batch_size,
+        total_steps=total, seed=recipe.seed, device=device, precision=precision, workers=recipe.runtime.workers,
+        checkpoint_every=recipe.runtime.checkpoint_every, collate_fn=collate_detection,
+    )
+
+    def loss_fn(model, batch):
+        images, targets = batch
+        losses = model(list(images), list(targets))
+        return {"loss": sum(losses.values()), **losses}
+
+    result = TrainLoop(settings, model, param_groups_with_decay(model, f.weight_decay), dataset, loss_fn, ctx.events).run()
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(ctx.stage_dir / "detector.safetensors"))
+    atomic_write_text(ctx.stage_dir / "detector.json", json.dumps(spec, indent=1))
+    return {"steps": result.steps, "final_loss": result.last_loss, "anchor_sizes": list(anchors)}
+
+
+def load_finetuned(finetune_dir: Path):
+    from safetensors.torch import load_file
+
+    spec = json.loads((Path(finetune_dir) / "detector.json").read_text())
+    model = build_detector_from(spec)
+    model.load_state_dict(load_file(str(Path(finetune_dir) / "detector.safetensors")), strict=True)
+    return model, spec
+
+
+def run_evaluate(ctx: StageContext) -> dict:
+    from sslrecipe.detect.predict import predict
+    from sslrecipe.evaluate.coco_eval import evaluate_detections
+
+    recipe, e = ctx.recipe, ctx.recipe.evaluate
+    model, spec = load_finetuned(ctx.upstream["finetune"])
+    coco, dataset, _root = _datasets(ctx, e.split, train=False)
+    device, _precision = _device_precision(recipe)
+    label_to_category = {int(k): v for k, v in spec["label_to_category"].items()}
+    detections = predict(model.to(device), dataset, e.batch_size, device, e.score_threshold, label_to_category)
+    atomic_write_text(ctx.stage_dir / "detections.json", json.dumps(detections))
+    metrics = evaluate_detections(coco, detections, max_dets=e.max_dets)
+    for name, value in metrics.items():
+        ctx.metric(name, value)
+    atomic_write_text(ctx.stage_dir / "metrics.json", json.dumps(metrics, indent=1))
+    return {"split": e.split, "images": len(coco["images"]), "detections": len(detections)}
+
+
+def run_report(ctx: StageContext) -> dict:
+    from sslrecipe.data.coco import load_coco
+    from sslrecipe.report.report import write_report
+
+    recipe = ctx.recipe
+    split = recipe.evaluate.split
+    manifest = read_manifest(ctx.upstream["data"])
+    entry = manifest["splits"][split]
+    gt = load_coco(ctx.upstream["data"] / entry["annotations"])
+    metrics = json.loads((ctx.upstream["evaluate"] / "metrics.json").read_text())
+    detections = json.loads((ctx.upstream["evaluate"] / "detections.json").read_text())
+    write_report(ctx.stage_dir, metrics, ctx.run_dir / "events.jsonl", gt, detections, Path(entry["image_root"]),
+                 n_images=recipe.report.images, score_threshold=recipe.report.score_threshold, title=recipe.name)
+    atomic_write_text(ctx.stage_dir / "metrics.json", json.dumps(metrics, indent=1))
+    return {"report": "report.md"}
+
+
+def publish(run_dir: Path, report_dir: Path) -> None:
+    """Copy the report stage's outputs to the run directory's top level (RUN/report.md, RUN/metrics.json)."""
+    for item in Path(report_dir).iterdir():
+        if item.suffix in (".md", ".png", ".json") and item.name != "done.json":
+            shutil.copy2(item, Path(run_dir) / item.name)
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def _unlabeled_pool_config(r: Recipe) -> Any:
+    if r.data.unlabeled is not None:
+        return {"unlabeled": _dump(r.data.unlabeled) if not isinstance(r.data.unlabeled, str) else r.data.unlabeled, "seed": r.seed}
+    # the pool is the training images: it depends on the labeled sources and the split, never on `shots`
+    return {"train": _dump(r.data.train), "synthetic": _dump(r.data.synthetic), "split": list(r.data.split),
+            "images": r.data.images, "format": r.data.format, "seed": r.seed}
+
+
+def build_pipeline() -> Pipeline:
+    return Pipeline(
+        [
+            Stage("data", (), lambda r: {"data": _dump(r.data), "seed": r.seed, "eval_split": r.evaluate.split}, run_data,
+                  fingerprint=lambda r: {"labeled": _labeled_fingerprint(r),
+                                         "unlabeled": _path_fingerprint(r.data.unlabeled) if isinstance(r.data.unlabeled, str) else None}),
+            Stage("pretrain", ("data",),
+                  lambda r: {"pretrain": _dump(r.pretrain), "backbone": _dump(r.backbone), "seed": r.seed,
+                             "precision": r.runtime.precision, "pool": _unlabeled_pool_config(r)},
+                  run_pretrain, enabled=lambda r: r.weights.source == "pretrain", hash_upstream=(),
+                  fingerprint=lambda r: {"labeled": _labeled_fingerprint(r),
+                                         "unlabeled": _path_fingerprint(r.data.unlabeled) if isinstance(r.data.unlabeled, str) else None}),
+            Stage("weights", ("pretrain",), lambda r: {"weights": _dump(r.weights), "backbone": _dump(r.backbone),
+                                                       "seed": r.seed if r.weights.source == "scratch" else None}, run_weights),
+            Stage("finetune", ("data", "weights"),
+                  lambda r: {"finetune": _dump(r.finetune), "in_chans": r.backbone.in_chans, "seed": r.seed,
+                             "precision": r.runtime.precision}, run_finetune),
+            Stage("evaluate", ("data", "finetune"), lambda r: {"evaluate": _dump(r.evaluate)}, run_evaluate),
+            Stage("report", ("data", "evaluate"), lambda r: {"report": _dump(r.report), "name": r.name}, run_report),
+        ]
+    )

@@ -1,0 +1,109 @@
+"""The SSL method registry: name -> builder, with the backbone families each method supports.
+
+Contract of a method (see docs/architecture.md): an `SSLMethod` is an nn.Module built from a timm
+backbone name and its options; `views(image, rng)` makes the augmented views of one image (numpy
+Generator, so augmentation is reproducible and resumable); `forward(batch)` returns a dict of
+losses with the total under "loss"; `after_step(step, total)` updates its own state (EMA teachers,
+temperatures, centers, queues); `encoder()` returns the timm backbone to export.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from sslrecipe.errors import SSLRecipeError
+
+
+def backbone_family(timm_name: str) -> str:
+    """`vit` for plain vision transformers, `cnn` for everything else timm builds."""
+    name = timm_name.lower()
+    return "vit" if name.startswith(("vit_", "deit", "eva", "beit")) else "cnn"
+
+
+class SSLMethod(nn.Module):
+    """Base class of every SSL method."""
+
+    name: str = ""
+
+    def views(self, image: torch.Tensor, rng) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def after_step(self, step: int, total: int) -> None:
+        """Called after every optimizer step (EMA updates, schedules)."""
+
+    def encoder(self) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        from sslrecipe.engine.schedules import param_groups_with_decay
+
+        return param_groups_with_decay(self, weight_decay)
+
+    def collate(self, items: list) -> Any:
+        return torch.utils.data.default_collate(items)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    families: tuple[str, ...]
+    build: Callable[..., SSLMethod]  # build(timm_name, in_chans, img_size, options: dict, timm_kwargs: dict)
+    summary: str
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+# methods described in the schema/docs whose implementation has not landed yet
+PLANNED = {"mae": "vit", "dino": "cnn, vit", "leopart": "vit", "spark": "cnn", "resim": "cnn", "hybrid": "cnn"}
+
+
+def register(name: str, families: tuple[str, ...], summary: str):
+    def deco(build):
+        _REGISTRY[name] = MethodSpec(name, families, build, summary)
+        return build
+
+    return deco
+
+
+def available() -> dict[str, MethodSpec]:
+    _import_methods()
+    return dict(_REGISTRY)
+
+
+def _import_methods() -> None:
+    import importlib
+    import pkgutil
+
+    import sslrecipe.ssl as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name not in ("registry",) and not info.name.startswith("_"):
+            importlib.import_module(f"sslrecipe.ssl.{info.name}")
+
+
+def create_method(name: str, timm_name: str, in_chans: int, img_size: int, options: Optional[dict] = None,
+                  timm_kwargs: Optional[dict] = None) -> SSLMethod:
+    methods = available()
+    family = backbone_family(timm_name)
+    if name not in methods:
+        if name in PLANNED:
+            raise SSLRecipeError(
+                f"pretrain.method '{name}' is not implemented in this version yet (available: "
+                f"{', '.join(sorted(methods)) or 'none'}). Use weights.source: fetch or file for public {name} weights, "
+                "or weights.source: scratch."
+            )
+        raise SSLRecipeError(f"unknown pretrain.method '{name}'; known methods: {', '.join(sorted(set(methods) | set(PLANNED)))}")
+    spec = methods[name]
+    if family not in spec.families:
+        raise SSLRecipeError(
+            f"pretrain.method '{name}' supports {', '.join(spec.families)} backbones, but backbone.name "
+            f"'{timm_name}' is a {family}; choose a {' or '.join(spec.families)} backbone or another method"
+        )
+    return spec.build(timm_name=timm_name, in_chans=in_chans, img_size=img_size, options=dict(options or {}),
+                      timm_kwargs=dict(timm_kwargs or {}))
