@@ -224,6 +224,8 @@ class RuntimeConfig(Section):
 
 
 class MatrixArm(Section):
+    """One named variant of the recipe."""
+
     name: str = Field(..., description="Arm name (used in the run directory and the comparison table).")
     set: dict[str, Any] = Field(default_factory=dict, description="Dotted-key overrides for this arm, as with --set.")
 
