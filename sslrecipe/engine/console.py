@@ -23,6 +23,7 @@ class ConsoleReporter:
         interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.rich = mode == "rich" or (mode == "auto" and interactive)
         self.console = Console(file=self.stream, highlight=False, force_terminal=self.rich if mode == "rich" else None)
+        self._say = lambda text, style=None: self.console.print(text, style=style, markup=False)
         self.progress: Optional[Progress] = None
         self.tasks: dict[str, int] = {}
         self._last_plain = 0.0
@@ -40,31 +41,31 @@ class ConsoleReporter:
     def __call__(self, e: dict[str, Any]) -> None:
         kind, stage = e["event"], e.get("stage")
         if kind == "run_start":
-            self.console.print(f"run dir: {e['run_dir']}")
+            self._say(f"run dir: {e['run_dir']}")
         elif kind == "stage_start":
-            self.console.print(f"[{stage}] started ({e['dir']})")
+            self._say(f"[{stage}] started ({e['dir']})")
         elif kind == "stage_cached":
-            self.console.print(f"[{stage}] cached, skipped ({e['dir']})")
+            self._say(f"[{stage}] cached, skipped ({e['dir']})")
         elif kind == "resume":
-            self.console.print(f"[{stage}] {e.get('message', 'resuming from step %s' % e.get('step'))}")
+            self._say(f"[{stage}] {e.get('message', 'resuming from step %s' % e.get('step'))}")
         elif kind == "progress":
             self._progress(e)
         elif kind == "metric":
             value = e.get("value")
             if e.get("name", "").startswith("bbox/"):
                 shown = "n/a" if value is None else f"{value:.2f}"
-                self.console.print(f"[{stage}] {e['name']} = {shown}")
+                self._say(f"[{stage}] {e['name']} = {shown}")
         elif kind == "warning":
-            self.console.print(f"[yellow][{stage or 'run'}] warning: {e.get('message')}[/yellow]", markup=True)
+            self._say(f"[{stage or 'run'}] warning: {e.get('message')}", style="yellow")
         elif kind == "stage_end":
             if self.progress is not None and stage in self.tasks:
                 self.progress.stop()
                 self.progress = None
                 self.tasks.clear()
-            self.console.print(f"[{stage}] done in {e.get('seconds', 0):.1f}s")
+            self._say(f"[{stage}] done in {e.get('seconds', 0):.1f}s")
         elif kind == "run_end":
             self.close()
-            self.console.print(f"run {e.get('status')} in {e.get('seconds', 0):.1f}s")
+            self._say(f"run {e.get('status')} in {e.get('seconds', 0):.1f}s")
 
     def _progress(self, e: dict[str, Any]) -> None:
         stage = e["stage"]
@@ -78,7 +79,7 @@ class ConsoleReporter:
         if e["step"] == e["total"] or now - self._last_plain >= 2.0:
             self._last_plain = now
             lr = e.get("lr")
-            self.console.print(
+            self._say(
                 f"[{stage}] step {e['step']}/{e['total']} loss {_fmt_loss(e)} lr {lr:.3g} "
                 f"{e.get('images_per_s', 0)} img/s eta {e.get('eta_s', 0):.0f}s"
             )
