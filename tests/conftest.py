@@ -4,8 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-# Two cores on CI: keep torch from oversubscribing when tests run model code.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: on a 2-core machine shared with other work, OpenMP threads spinning against
+# each other make CPU steps 10x slower; one thread is never far from the best. Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 HIT_UAV = REPO.parent / "shared" / "data" / "hit-uav"

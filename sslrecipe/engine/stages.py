@@ -314,7 +314,8 @@ def build_detector_from(spec: dict, encoder_dir: Optional[Path] = None):
     return build_faster_rcnn(
         encoder, num_classes=spec["num_classes"], img_size=spec["img_size"], anchor_sizes=tuple(spec["anchor_sizes"]),
         in_chans=spec["in_chans"], norm=spec["norm"], trainable_stages=spec["trainable_stages"],
-        max_detections=spec["max_detections"],
+        max_detections=spec["max_detections"], fpn_channels=spec["fpn_channels"],
+        box_batch_size_per_image=spec["rois_per_image"],
     )
 
 
@@ -335,7 +336,8 @@ def run_finetune(ctx: StageContext) -> dict:
         "timm_name": meta["timm_name"], "timm_kwargs": meta["timm_kwargs"], "num_classes": len(dataset.label_to_category),
         "label_to_category": {str(k): v for k, v in dataset.label_to_category.items()}, "img_size": f.img_size,
         "anchor_sizes": list(anchors), "in_chans": recipe.backbone.in_chans, "norm": f.norm,
-        "trainable_stages": f.trainable_stages, "max_detections": f.max_detections,
+        "trainable_stages": f.trainable_stages, "max_detections": f.max_detections, "fpn_channels": f.fpn_channels,
+        "rois_per_image": f.rois_per_image,
     }
     torch.manual_seed(recipe.seed)
     model = build_detector_from(spec, ctx.upstream["weights"])

@@ -194,6 +194,8 @@ class FinetuneConfig(OptimConfig):
     norm: Literal["bn", "frozen_bn"] = Field("bn", description="Backbone BatchNorm: trainable (SSL transfer) or frozen.")
     hflip: bool = Field(True, description="Random horizontal flip augmentation.")
     max_detections: int = Field(300, ge=1, description="Detections kept per image (dense small-object scenes exceed 100).")
+    fpn_channels: int = Field(256, ge=8, description="FPN width (torchvision's 256; 128 is much cheaper on CPU).")
+    rois_per_image: int = Field(512, ge=8, description="RoIs sampled per image for the box head in training (torchvision's 512).")
 
 
 class EvaluateConfig(Section):

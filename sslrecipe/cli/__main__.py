@@ -1,0 +1,3 @@
+from sslrecipe.cli import main
+
+main()
