@@ -1,0 +1,350 @@
+"""The run report: ``report.md`` with the metrics table, ``loss_curve.png`` and ``detections.png``.
+
+Plots use matplotlib's object API on the Agg canvas (no pyplot global state, no display needed).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from sslrecipe.engine.events import read_events
+
+REPORT_MD = "report.md"
+LOSS_PNG = "loss_curve.png"
+DETECTIONS_PNG = "detections.png"
+
+# (column header, metric key) of the main table; the AR key is found by pattern (bbox/AR<maxDets>).
+_MAIN_COLUMNS = (
+    ("mAP", "bbox/mAP"),
+    ("AP50", "bbox/AP50"),
+    ("AP75", "bbox/AP75"),
+    ("AP_S", "bbox/AP_small"),
+    ("AP_M", "bbox/AP_medium"),
+    ("AP_L", "bbox/AP_large"),
+)
+_GT_COLOUR = "#00e676"
+_DET_COLOUR = "#ff3d00"
+
+
+# ---------------------------------------------------------------------------------------------- io
+
+
+def _atomic_path(final: Path):
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    return tmp
+
+
+def _save_figure(fig, path: Path) -> None:
+    tmp = _atomic_path(path)
+    try:
+        fig.savefig(tmp, format="png", dpi=110)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = _atomic_path(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def load_display_image(path: Path) -> np.ndarray:
+    """An image as float [0, 1], HxW (gray) or HxWx3, for display.
+
+    8-bit images are divided by 255; 16-bit / 32-bit / float images (thermal) are stretched between their
+    0.5th and 99.5th percentiles so that their contrast is visible.
+    """
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "1"):
+            im = im.convert("RGB" if im.mode != "LA" and im.mode != "1" else "L")
+        arr = np.asarray(im)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 3 and arr.shape[2] > 3:
+        arr = arr[..., :3]
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    arr = arr.astype(np.float32)
+    finite = arr[np.isfinite(arr)]
+    if finite.size == 0:
+        return np.zeros(arr.shape, dtype=np.float32)
+    lo, hi = np.percentile(finite, [0.5, 99.5])
+    if hi <= lo:
+        lo, hi = float(finite.min()), float(finite.max())
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.float32)
+    return np.clip((np.nan_to_num(arr, nan=lo) - lo) / (hi - lo), 0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+_NA = "n/a[^na]"
+
+
+def _fmt(value: Any) -> str:
+    """One table cell: percentages with one decimal; None / non-finite as n/a with the footnote mark."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return _NA
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
+
+
+def _ar_key(metrics: Mapping[str, Any]) -> Optional[str]:
+    keys = [k for k in metrics if re.fullmatch(r"bbox/AR\d+", k)]
+    return sorted(keys, key=lambda k: int(k[len("bbox/AR"):]))[-1] if keys else None
+
+
+def metrics_table(metrics: Mapping[str, Any]) -> tuple[str, bool]:
+    """(markdown table, whether any cell is n/a)."""
+    columns = list(_MAIN_COLUMNS)
+    ar = _ar_key(metrics)
+    columns.append((ar.split("/", 1)[1] if ar else "AR100", ar or "bbox/AR100"))
+    values = [metrics.get(key) for _, key in columns]
+    header = "| " + " | ".join(name for name, _ in columns) + " |"
+    rule = "|" + "|".join("---:" for _ in columns) + "|"
+    row = "| " + " | ".join(_fmt(v) for v in values) + " |"
+    return "\n".join((header, rule, row)), _NA in row
+
+
+# ------------------------------------------------------------------------------------------ losses
+
+
+def progress_by_stage(events: Iterable[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Stage -> progress events of its latest attempt, one per step (the last written), sorted by step.
+
+    "Latest attempt" is the stage hash of the last ``stage_start`` / ``stage_cached`` for that stage, so a
+    rerun with changed settings shows the new curve, and a resumed stage (same hash) keeps the steps
+    from before the interruption.
+    """
+    current_hash: dict[Any, Any] = {}
+    latest_hash: dict[Any, Any] = {}
+    by_key: dict[tuple[Any, Any], dict[int, dict[str, Any]]] = defaultdict(dict)
+    for ev in events:
+        kind, stage = ev.get("event"), ev.get("stage")
+        if kind in ("stage_start", "stage_cached"):
+            current_hash[stage] = ev.get("hash")
+            latest_hash[stage] = ev.get("hash")
+        elif kind == "progress" and isinstance(ev.get("step"), (int, float)):
+            by_key[(stage, current_hash.get(stage))][int(ev["step"])] = dict(ev)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for (stage, h), steps in by_key.items():
+        if stage in latest_hash and latest_hash[stage] != h:
+            continue
+        out[str(stage)] = [steps[s] for s in sorted(steps)]
+    return out
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def plot_loss_curve(events_path: Path, out_path: Path) -> Path:
+    stages = progress_by_stage(read_events(events_path))
+    stages = {s: evs for s, evs in stages.items() if any(_finite(e.get("loss")) for e in evs)}
+    n = max(1, len(stages))
+    fig = _new_figure(8.0, 3.2 * n)
+    if not stages:
+        ax = fig.add_subplot(1, 1, 1)
+        ax.text(0.5, 0.5, "no training progress recorded", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    for i, (stage, evs) in enumerate(stages.items()):
+        ax = fig.add_subplot(n, 1, i + 1)
+        pts = [(e["step"], e["loss"]) for e in evs if _finite(e.get("loss"))]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color="#1565c0", lw=1.6, label="loss")
+        parts = sorted({k for e in evs for k, v in (e.get("losses") or {}).items() if _finite(v)})
+        if len(parts) > 1:
+            for part in parts:
+                pp = [(e["step"], e["losses"][part]) for e in evs if _finite((e.get("losses") or {}).get(part))]
+                ax.plot([p[0] for p in pp], [p[1] for p in pp], lw=0.8, alpha=0.6, label=part)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(stage)
+        ax.grid(alpha=0.3)
+        lines, labels = ax.get_legend_handles_labels()
+        lrs = [(e["step"], e["lr"]) for e in evs if _finite(e.get("lr"))]
+        if lrs:
+            ax2 = ax.twinx()
+            (lr_line,) = ax2.plot([p[0] for p in lrs], [p[1] for p in lrs], color="#ef6c00", lw=1.0, ls="--")
+            top = max(p[1] for p in lrs)
+            if top > 0:
+                ax2.set_ylim(0, top * 1.1)
+            ax2.set_ylabel("lr", color="#ef6c00")
+            ax2.tick_params(axis="y", colors="#ef6c00")
+            ax2.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+            lines, labels = lines + [lr_line], labels + ["lr"]
+        ax.legend(lines, labels, fontsize=7, loc="upper right")
+    fig.tight_layout()
+    _save_figure(fig, out_path)
+    return out_path
+
+
+# -------------------------------------------------------------------------------------- detections
+
+
+def _pick_images(gt: Mapping[str, Any], n: int) -> list[Mapping[str, Any]]:
+    counts: dict[Any, int] = defaultdict(int)
+    for a in gt.get("annotations", []):
+        counts[a["image_id"]] += 1
+    images = list(gt.get("images", []))
+    with_objects = [im for im in images if counts[im["id"]] > 0]
+    without = [im for im in images if counts[im["id"]] == 0]
+    return (with_objects + without)[:n]
+
+
+def plot_detections(
+    gt: Mapping[str, Any],
+    detections: Sequence[Mapping[str, Any]],
+    image_root: Path,
+    out_path: Path,
+    n_images: int = 4,
+    score_threshold: float = 0.5,
+) -> Path:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
+
+    chosen = _pick_images(gt, n_images)
+    names = {c["id"]: str(c.get("name", c["id"])) for c in gt.get("categories", [])}
+    gt_by_image: dict[Any, list] = defaultdict(list)
+    for a in gt.get("annotations", []):
+        gt_by_image[a["image_id"]].append(a)
+    det_by_image: dict[Any, list] = defaultdict(list)
+    for d in detections:
+        if d.get("score", 0.0) >= score_threshold:
+            det_by_image[d["image_id"]].append(d)
+
+    n = max(1, len(chosen))
+    cols = min(2, n)
+    rows = math.ceil(n / cols)
+    fig = _new_figure(5.2 * cols, 5.0 * rows + 0.4)
+    for i, im in enumerate(chosen):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        path = Path(image_root) / im["file_name"]
+        try:
+            pixels = load_display_image(path)
+            ax.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None, vmin=0.0, vmax=1.0, interpolation="nearest")
+        except (OSError, ValueError) as e:
+            ax.text(0.5, 0.5, f"cannot read\n{path.name}\n{e}", ha="center", va="center", fontsize=7, transform=ax.transAxes)
+            w, h = im.get("width", 1), im.get("height", 1)
+            ax.set_xlim(0, w)
+            ax.set_ylim(h, 0)
+        for a in gt_by_image[im["id"]]:
+            x, y, w, h = a["bbox"]
+            ax.add_patch(Rectangle((x, y), w, h, fill=False, ec=_GT_COLOUR, lw=1.0, ls="-" if not a.get("iscrowd") else ":"))
+        dets = sorted(det_by_image[im["id"]], key=lambda d: -d["score"])
+        for d in dets:
+            x, y, w, h = d["bbox"]
+            ax.add_patch(Rectangle((x, y), w, h, fill=False, ec=_DET_COLOUR, lw=1.0))
+            label = f"{names.get(d['category_id'], d['category_id'])} {d['score']:.2f}"
+            ax.text(x, y - 1, label, color="white", fontsize=5, va="bottom",
+                    bbox={"facecolor": _DET_COLOUR, "alpha": 0.7, "pad": 0.5, "lw": 0})
+        ax.set_title(f"{Path(im['file_name']).name}: {len(gt_by_image[im['id']])} GT, {len(dets)} det", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if not chosen:
+        ax = fig.add_subplot(1, 1, 1)
+        ax.text(0.5, 0.5, "no test images", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    handles = [
+        Line2D([], [], color=_GT_COLOUR, lw=2, label="ground truth"),
+        Line2D([], [], color=_DET_COLOUR, lw=2, label=f"detection (score >= {score_threshold:g})"),
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    _save_figure(fig, out_path)
+    return out_path
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def write_report(
+    run_dir: Path,
+    metrics: Mapping[str, Any],
+    events_path: Path,
+    gt: Mapping[str, Any],
+    detections: Sequence[Mapping[str, Any]],
+    image_root: Path,
+    n_images: int = 4,
+    score_threshold: float = 0.5,
+    title: str = "",
+) -> Path:
+    """Write ``run_dir/report.md``, ``run_dir/loss_curve.png`` and (when ``n_images`` > 0)
+    ``run_dir/detections.png``; returns the path of ``report.md``.
+
+    ``metrics`` are the evaluation's flat keys in percent (None = no ground truth in that bucket);
+    ``events_path`` is the run's ``events.jsonl``; ``gt`` / ``detections`` are the evaluated COCO ground
+    truth and results, with images under ``image_root``.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plot_loss_curve(Path(events_path), run_dir / LOSS_PNG)
+    if n_images > 0:
+        plot_detections(gt, detections, Path(image_root), run_dir / DETECTIONS_PNG, n_images, score_threshold)
+
+    table, has_na = metrics_table(metrics)
+    lines = [f"# {title or 'sslrecipe run report'}", ""]
+    n_img, n_ann = len(gt.get("images", [])), len(gt.get("annotations", []))
+    lines += [
+        f"Evaluated on {n_img} image(s) with {n_ann} ground-truth box(es); {len(detections)} detection(s). "
+        "COCO box metrics in percent (pycocotools).",
+        "",
+        table,
+        "",
+    ]
+    main_keys = {k for _, k in _MAIN_COLUMNS} | ({_ar_key(metrics)} if _ar_key(metrics) else set())
+    others = [(k, v) for k, v in metrics.items() if k not in main_keys]
+    if others:
+        lines += ["All metrics:", "", "| metric | value |", "|---|---:|"]
+        lines += [f"| `{k}` | {_fmt(v)} |" for k, v in others]
+        has_na = has_na or any(_fmt(v) == _NA for _, v in others)
+        lines.append("")
+    lines += ["## Training", "", f"![Loss and learning rate per step]({LOSS_PNG})", ""]
+    if n_images > 0:
+        lines += [
+            "## Detections",
+            "",
+            f"Ground truth in green, detections with score >= {score_threshold:g} in red ([{DETECTIONS_PNG}]({DETECTIONS_PNG})).",
+            "",
+            f"![Detections on test images]({DETECTIONS_PNG})",
+            "",
+        ]
+    if has_na:
+        lines += [
+            "[^na]: n/a: no ground-truth object in that size bucket (COCO: small < 32², medium < 96², "
+            "large above), so the metric is undefined (pycocotools prints -1).",
+            "",
+        ]
+    path = run_dir / REPORT_MD
+    _write_text(path, "\n".join(lines))
+    return path
