@@ -35,19 +35,22 @@ def validate(recipe: str, overrides: tuple[str, ...], print_: bool) -> None:
 @click.option("--until", type=click.Choice(STAGE_ORDER), help="Stop after this stage.")
 @click.option("--force", multiple=True, type=click.Choice(STAGE_ORDER), help="Rerun this stage and the ones after it (repeatable).")
 @click.option("--progress", type=click.Choice(["auto", "rich", "plain"]), default=None, help="Progress display (default: runtime.progress).")
-def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, until: str | None, force: tuple[str, ...], progress: str | None) -> None:
+@click.option("--cell", "cells", multiple=True, help="With a matrix: run only this cell (repeatable).")
+def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, until: str | None, force: tuple[str, ...],
+        progress: str | None, cells: tuple[str, ...]) -> None:
     """Run RECIPE: data -> [pretrain] -> weights -> finetune -> evaluate -> report.
 
     RECIPE is a recipe file, or a run directory to resume with its own resolved.yaml.
+    A recipe with `matrix:` runs every cell in RUN/<cell>/ and writes RUN/comparison.md.
     Finished stages are skipped; an interrupted stage resumes from its last checkpoint.
     Ctrl-C stops gracefully with a checkpoint.
     """
     try:
-        target = run_recipe(recipe, overrides, run_dir=run_dir, until=until, force=force, progress=progress)
+        target = run_recipe(recipe, overrides, run_dir=run_dir, until=until, force=force, progress=progress, cells=cells)
     except Interrupted as e:
         click.secho(f"interrupted: {e}", fg="yellow", err=True)
         sys.exit(130)
-    report = target / "report.md"
     click.echo(f"run dir: {target}")
-    if report.is_file():
-        click.echo(f"report:  {report}")
+    for name in ("report.md", "comparison.md"):
+        if (target / name).is_file():
+            click.echo(f"{name.split('.')[0]}:  {target / name}")

@@ -35,7 +35,7 @@ def resolve_run_target(target: str | Path, run_dir: Optional[str | Path]) -> tup
 
 
 def run_recipe(
-    recipe_path: str | Path,
+    recipe_path: Optional[str | Path],
     overrides: Iterable[str] = (),
     run_dir: Optional[str | Path] = None,
     until: Optional[str] = None,
@@ -43,9 +43,23 @@ def run_recipe(
     progress: Optional[str] = None,
     listeners: Iterable[Callable[[dict], None]] = (),
     recipe: Optional[Recipe] = None,
+    cells: Iterable[str] = (),
 ) -> Path:
-    recipe_file, chosen_dir = resolve_run_target(recipe_path, run_dir)
+    """Run a recipe (or resume a run directory); a recipe with `matrix:` runs each cell and compares them."""
+    recipe_file, chosen_dir = resolve_run_target(recipe_path, run_dir) if recipe is None else (None, run_dir and Path(run_dir))
     recipe = recipe or load_recipe(recipe_file, overrides)
+    if recipe.matrix is not None:
+        from sslrecipe.engine.matrix import run_matrix
+
+        def run_cell(cell: Recipe, cell_dir: Path) -> Path:
+            return run_recipe(None, run_dir=cell_dir, until=until, force=force, progress=progress,
+                              listeners=listeners, recipe=cell)
+
+        return run_matrix(recipe, chosen_dir or default_run_dir(recipe), run_cell, only=tuple(cells) or None)
+    if cells:
+        from sslrecipe.errors import RecipeError
+
+        raise RecipeError("--cell names a matrix cell, but this recipe has no matrix:")
     if recipe.runtime.threads:
         torch.set_num_threads(recipe.runtime.threads)
     seed_everything(recipe.seed)
