@@ -254,8 +254,11 @@ def _init_encoder_from(ctx: StageContext, encoder: torch.nn.Module, ref) -> None
 
     from sslrecipe.weights import resolve_weights
 
+    if ref.source not in ("fetch", "file"):
+        raise SSLRecipeError(f"pretrain.init.source must be fetch or file (got {ref.source})")
     out = resolve_weights(ref.source, ref.id or ref.path, ref.sha256, ref.format, ctx.recipe.backbone.name,
-                          ctx.recipe.backbone.in_chans, ctx.stage_dir / "init", warn=ctx.warn)
+                          ctx.recipe.backbone.in_chans, ctx.stage_dir / "init", timm_kwargs=ctx.recipe.backbone.kwargs,
+                          warn=ctx.warn)
     encoder.load_state_dict(load_file(str(Path(out) / "encoder.safetensors")), strict=True)
 
 
@@ -282,7 +285,8 @@ def run_weights(ctx: StageContext) -> dict:
         from sslrecipe.weights import resolve_weights
 
         resolve_weights(w.source, w.id if w.source == "fetch" else w.path, w.sha256, w.format, recipe.backbone.name,
-                        recipe.backbone.in_chans, ctx.stage_dir, warn=ctx.warn)
+                        recipe.backbone.in_chans, ctx.stage_dir, timm_kwargs=recipe.backbone.kwargs, warn=ctx.warn,
+                        progress=recipe.runtime.progress != "plain")
     if not (ctx.stage_dir / "encoder.safetensors").is_file():
         raise SSLRecipeError(f"weights stage produced no encoder.safetensors in {ctx.stage_dir}")
     return {"source": w.source}
