@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from sslrecipe.data.images import read_image, to_channels
+from sslrecipe.data.images import read_normalized, to_channels
 from sslrecipe.errors import DataError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -113,8 +113,10 @@ class DetectionDataset(Dataset):
         train: bool = False,
         hflip: bool = True,
         seed: int = 0,
+        normalize: Optional[dict] = None,
     ) -> None:
         self.image_root = Path(image_root)
+        self.normalize = normalize  # dataset statistics from sslrecipe.data.normalize (None: bit-depth scaling)
         self.in_chans = int(in_chans)
         self.train = bool(train)
         self.hflip = bool(hflip)
@@ -172,7 +174,7 @@ class DetectionDataset(Dataset):
     def __getitem__(self, key):
         index, rng = _sample_rng(key, self.seed, len(self))
         path = self.image_path(index)
-        arr = to_channels(read_image(path), self.in_chans, source=path)
+        arr = to_channels(read_normalized(path, self.normalize), self.in_chans, source=path)
         height, width = arr.shape[:2]
         info = self.images[index]
         declared = (info.get("width"), info.get("height"))

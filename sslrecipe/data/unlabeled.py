@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from sslrecipe.data.images import IMAGE_EXTENSIONS, list_images, read_image, to_channels
+from sslrecipe.data.images import IMAGE_EXTENSIONS, list_images, read_image, read_normalized, to_channels
 from sslrecipe.errors import DataError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -76,7 +76,9 @@ class UnlabeledImages(Dataset):
         transform: Optional[Callable[[torch.Tensor, np.random.Generator], Any]] = None,
         on_error: Optional[Callable[[Path, Exception], None]] = None,
         seed: int = 0,
+        normalize: Optional[dict] = None,
     ) -> None:
+        self.normalize = normalize  # dataset statistics from sslrecipe.data.normalize (None: bit-depth scaling)
         self.paths = [Path(p) for p in paths]
         self.in_chans = int(in_chans)
         self.transform = transform
@@ -89,7 +91,7 @@ class UnlabeledImages(Dataset):
     def load(self, index: int) -> torch.Tensor:
         """The image at ``index`` as a float tensor, without transform."""
         path = self.paths[index]
-        arr = to_channels(read_image(path), self.in_chans, source=path)
+        arr = to_channels(read_normalized(path, self.normalize), self.in_chans, source=path)
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32))
 
     def __getitem__(self, key):

@@ -103,7 +103,7 @@ def run_data(ctx: StageContext) -> dict:
         for name in ("train", "val", "test"):
             src = _labeled_source(recipe, getattr(d, name))
             if src is not None:
-                splits[name] = _load_labeled(src)
+                splits[name] = _load_labeled(src, name)
     else:
         syn = d.synthetic
         ann = generate_synthetic(
@@ -143,47 +143,86 @@ def run_data(ctx: StageContext) -> dict:
                                     "boxes": sum(1 for a in coco["annotations"] if not a.get("iscrowd"))}
 
     unlabeled = _unlabeled_pool(ctx, pool_images)
+    if d.dedup is not False:
+        from sslrecipe.data.dedup import dedup, keep_list
+
+        groups = dedup(unlabeled, 8 if d.dedup is True else int(d.dedup))
+        kept = [str(p) for p in keep_list(unlabeled, groups)]
+        ctx.metric("data/dedup_removed", len(unlabeled) - len(kept))
+        unlabeled = kept
+    if d.unlabeled is not None and recipe.weights.source == "pretrain":
+        from sslrecipe.data.dedup import assert_no_leakage
+
+        held_out = [str(Path(root) / im["file_name"]) for name, (coco, root) in splits.items() if name != "train"
+                    for im in coco["images"]]
+        assert_no_leakage(unlabeled, held_out, allow=d.allow_leakage, warn=ctx.warn)
     atomic_write_text(out / "unlabeled.txt", "".join(p + "\n" for p in unlabeled))
     manifest["unlabeled"] = {"list": "unlabeled.txt", "images": len(unlabeled)}
+    manifest["normalization"] = _normalization(ctx, pool_images + unlabeled)
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     return {k: v["images"] for k, v in manifest["splits"].items()} | {"unlabeled": len(unlabeled)}
 
 
-def _load_labeled(src: LabeledSource) -> tuple[dict, Path]:
-    try:
-        from sslrecipe.data.formats import load_labeled  # every format (COCO, YOLO, VOC, HIT-UAV)
-    except ImportError:
-        load_labeled = None
-    if load_labeled is not None:
-        coco, root = load_labeled(src.annotations, src.images, src.format)
-        return coco, Path(root)
-    from sslrecipe.data.coco import load_coco
+def _load_labeled(src: LabeledSource, split: str) -> tuple[dict, Path]:
+    from sslrecipe.data.formats import load_labeled  # COCO, YOLO, VOC, HIT-UAV; auto-detected or `format:`
 
-    if src.format not in ("auto", "coco"):
-        raise DataError(f"{src.annotations}: format '{src.format}' is not supported in this version; convert it to COCO")
-    root = Path(src.images) if src.images else Path(src.annotations).parent
-    return load_coco(src.annotations), root
+    coco, root = load_labeled(src.annotations, src.images, src.format, split=split)
+    return coco, Path(root)
 
 
 def _check_labeled(ctx: StageContext, splits: dict[str, tuple[dict, Path]]) -> None:
-    try:
-        from sslrecipe.data.check import check_dataset
-    except ImportError:
-        return
+    """Broken labeled data stops the run with the list of problems, or is dropped with `data.skip_invalid`."""
+    from sslrecipe.data.check import check_dataset, drop_invalid
+
     problems = []
     for name, (coco, root) in splits.items():
         for p in check_dataset(coco, root):
-            problems.append(f"{name}: {p.file}: {p.message}")
+            problems.append(f"{name}: {p.file}: {p.kind}: {p.message}")
     if not problems:
         return
     listing = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "")
     if ctx.recipe.data.skip_invalid:
-        ctx.warn(f"{len(problems)} problems in the labeled data (skipped, data.skip_invalid is true):\n  {listing}")
+        for name, (coco, root) in list(splits.items()):
+            splits[name] = (drop_invalid(coco, root)[0], root)
+        ctx.warn(f"{len(problems)} problems in the labeled data, dropped (data.skip_invalid is true):\n  {listing}")
+        ctx.metric("data/invalid_dropped", len(problems))
         return
     raise DataError(
         f"the labeled data has {len(problems)} problems:\n  {listing}\n"
         "Fix them (see `sslrecipe data check`), or set data.skip_invalid: true to drop the broken images and boxes."
     )
+
+
+def _normalization(ctx: StageContext, paths: list[str]) -> Optional[dict]:
+    """Dataset intensity statistics (stored in the manifest; every dataset applies them), or None."""
+    from sslrecipe.data.normalize import dataset_normalization, fixed_normalization
+
+    cfg = ctx.recipe.data.normalize
+    mode = cfg.mode
+    if mode == "auto":
+        mode = "dataset" if _mostly_high_bit_depth(paths) else "none"
+    if mode == "none":
+        return None
+    if mode == "fixed":
+        return fixed_normalization(cfg.low, cfg.high, cfg.scale)
+    stats = dataset_normalization(sorted(set(paths)), cache_dir=ctx.stage_dir, percentiles=tuple(cfg.percentiles),
+                                  max_images=cfg.max_images, seed=ctx.recipe.seed)
+    ctx.events.emit("metric", "data", name="data/normalization", value={"low": stats["low"], "high": stats["high"]})
+    return stats
+
+
+def _mostly_high_bit_depth(paths: list[str], sample: int = 25) -> bool:
+    from PIL import Image
+
+    picked = paths[:: max(1, len(paths) // sample)][:sample]
+    high = 0
+    for p in picked:
+        try:
+            with Image.open(p) as im:
+                high += im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+        except OSError:
+            continue
+    return bool(picked) and high * 2 > len(picked)
 
 
 def _unlabeled_pool(ctx: StageContext, train_images: list[str]) -> list[str]:
@@ -230,8 +269,11 @@ def run_pretrain(ctx: StageContext) -> dict:
                            p.options.get(p.method, {}), recipe.backbone.kwargs)
     if p.init is not None:
         _init_encoder_from(ctx, method.encoder(), p.init)
-    paths = (ctx.upstream["data"] / "unlabeled.txt").read_text().split()
-    dataset = UnlabeledImages([Path(x) for x in paths], recipe.backbone.in_chans, transform=method.views)
+    paths = (ctx.upstream["data"] / "unlabeled.txt").read_text().splitlines()
+    manifest = read_manifest(ctx.upstream["data"])
+    dataset = UnlabeledImages([Path(x) for x in paths], recipe.backbone.in_chans, transform=method.views, seed=recipe.seed,
+                              normalize=manifest.get("normalization"),
+                              on_error=lambda path, err: ctx.warn(f"unlabeled image skipped: {path}: {err}"))
     device, precision = _device_precision(recipe)
     total = _total_steps(p.steps, p.epochs, len(dataset), p.batch_size, p.accumulate, drop_last=True)
     settings = LoopSettings(
@@ -302,7 +344,7 @@ def _datasets(ctx: StageContext, split: str, train: bool):
     entry = manifest["splits"][split]
     coco = load_coco(ctx.upstream["data"] / entry["annotations"])
     ds = DetectionDataset(coco, Path(entry["image_root"]), ctx.recipe.backbone.in_chans, train=train,
-                          hflip=ctx.recipe.finetune.hflip, seed=ctx.recipe.seed)
+                          hflip=ctx.recipe.finetune.hflip, seed=ctx.recipe.seed, normalize=manifest.get("normalization"))
     return coco, ds, Path(entry["image_root"])
 
 
@@ -419,11 +461,12 @@ def publish(run_dir: Path, report_dir: Path) -> None:
 
 
 def _unlabeled_pool_config(r: Recipe) -> Any:
+    common = {"dedup": r.data.dedup, "normalize": _dump(r.data.normalize), "seed": r.seed}
     if r.data.unlabeled is not None:
-        return {"unlabeled": _dump(r.data.unlabeled) if not isinstance(r.data.unlabeled, str) else r.data.unlabeled, "seed": r.seed}
+        return {"unlabeled": _dump(r.data.unlabeled) if not isinstance(r.data.unlabeled, str) else r.data.unlabeled, **common}
     # the pool is the training images: it depends on the labeled sources and the split, never on `shots`
     return {"train": _dump(r.data.train), "synthetic": _dump(r.data.synthetic), "split": list(r.data.split),
-            "images": r.data.images, "format": r.data.format, "seed": r.seed}
+            "images": r.data.images, "format": r.data.format, **common}
 
 
 def build_pipeline() -> Pipeline:

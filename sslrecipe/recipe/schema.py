@@ -58,6 +58,27 @@ class LabeledSource(Section):
     format: DataFormat = Field("auto", description="Annotation format; `auto` detects it from the file.")
 
 
+class NormalizeConfig(Section):
+    """Intensity normalization of the images (thermal 16-bit data is not clipped to 8 bits blindly)."""
+
+    mode: Literal["auto", "none", "dataset", "fixed"] = Field(
+        "auto",
+        description="auto: dataset statistics when most images are 16-bit or float, else none; dataset: per-dataset "
+        "percentiles computed once and cached; fixed: the `low`/`high` given here; none: bit-depth scaling only.",
+    )
+    percentiles: tuple[float, float] = Field((0.5, 99.5), description="`dataset`: the intensity percentiles mapped to 0 and 1.")
+    low: Optional[list[float]] = Field(None, description="`fixed`: per-channel (or one) value mapped to 0, in the files' own counts.")
+    high: Optional[list[float]] = Field(None, description="`fixed`: per-channel (or one) value mapped to 1, in the files' own counts.")
+    scale: float = Field(65535, gt=0, description="`fixed`: the files' full-scale count (65535 for 16-bit).")
+    max_images: Optional[int] = Field(1000, ge=1, description="`dataset`: at most this many images are read for the statistics.")
+
+    @model_validator(mode="after")
+    def _fixed_needs_range(self) -> "NormalizeConfig":
+        if self.mode == "fixed" and (self.low is None or self.high is None):
+            raise ValueError("data.normalize.mode is 'fixed' but low/high are not both set")
+        return self
+
+
 class DataConfig(Section):
     """Where the images come from: an unlabeled pool for pre-training and labeled sets for fine-tuning."""
 
@@ -85,6 +106,24 @@ class DataConfig(Section):
     skip_invalid: bool = Field(
         False, description="Drop invalid labeled images/boxes with a warning instead of stopping the run."
     )
+    dedup: Union[bool, int] = Field(
+        False,
+        description="Remove near-duplicate frames from the pre-training pool: true = perceptual-hash distance <= 8 "
+        "of 63 bits, or the distance to use; the first frame of each group (path order) is kept.",
+    )
+    allow_leakage: bool = Field(
+        False,
+        description="Continue when the pre-training pool holds copies (exact, re-encoded or resized) of val/test "
+        "images; by default the run stops and lists them.",
+    )
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig, description="Intensity normalization.")
+
+    @field_validator("dedup")
+    @classmethod
+    def _dedup_range(cls, v: Union[bool, int]) -> Union[bool, int]:
+        if not isinstance(v, bool) and not 0 <= v <= 63:
+            raise ValueError("must be true/false or a hash distance from 0 to 63")
+        return v
 
     @field_validator("split")
     @classmethod
