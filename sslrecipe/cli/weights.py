@@ -1,16 +1,203 @@
-"""`sslrecipe weights` (placeholder until the weights catalogue lands)."""
+"""`sslrecipe weights`: the catalogue of public SSL checkpoints, checksummed fetch, conversion, export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
 
 import click
 
-from sslrecipe.errors import NotYetAvailable
+from sslrecipe.errors import SSLRecipeError
+
+
+def _warn(msg: str) -> None:
+    click.secho(f"warning: {msg}", fg="yellow", err=True)
+
+
+def _parse_kwargs(items: tuple[str, ...]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise SSLRecipeError(f"--kwarg {item!r} must be KEY=VALUE (e.g. img_size=112)")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
 
 
 @click.group()
 def weights() -> None:
-    """Public SSL checkpoints: list, fetch (checksummed, cached), convert (not available in this version yet)."""
+    """Public SSL checkpoints: list, fetch (checksummed, cached), convert to timm, export.
+
+    \b
+    list     the catalogue (name, method, backbone, source, licence)
+    info     everything the catalogue knows about one entry, and whether it is cached
+    fetch    download (or find in the cache) and verify; prints the local path
+    convert  any supported SSL checkpoint layout -> encoder.safetensors + encoder.json (timm keys)
+    export   an encoder or a run's encoder -> timm / torchvision / ultralytics / safetensors
+    """
 
 
 @weights.command("list")
-def list_cmd() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@click.option("--method", default=None, help="Only entries of this SSL method (dino, mae, spark, ...).")
+@click.option("--backbone", default=None, help="Only entries for this timm backbone.")
+def list_cmd(as_json: bool, method: Optional[str], backbone: Optional[str]) -> None:
     """List the catalogue of public SSL checkpoints."""
-    raise NotYetAvailable("`sslrecipe weights list` is not implemented in this version yet; use weights.source: file with a local checkpoint.")
+    from sslrecipe.weights.catalogue import load_catalogue
+
+    entries = [
+        e for e in load_catalogue()
+        if (method is None or e.method == method) and (backbone is None or e.backbone == backbone)
+    ]
+    if as_json:
+        click.echo(json.dumps([e.row() for e in entries], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_lines=False, header_style="bold")
+    for col in ("name", "method", "backbone", "in", "licence"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("source", overflow="fold")
+    for e in entries:
+        lic = f"[red]{e.licence} (non-commercial)[/red]" if e.non_commercial else e.licence
+        table.add_row(e.name, e.method, e.backbone, str(e.in_chans), lic, e.source.key)
+    Console(width=max(160, Console().width)).print(table)
+    click.echo(f"{len(entries)} entries. Use a name as `weights.id` with `weights.source: fetch`.")
+
+
+@weights.command("info")
+@click.argument("name")
+def info_cmd(name: str) -> None:
+    """Show one catalogue entry and whether it is in the cache."""
+    from sslrecipe.weights.catalogue import get_entry
+    from sslrecipe.weights.fetch import local_path
+
+    e = get_entry(name)
+    row = e.row()
+    row["manual_path"] = str(local_path(e.source, e.cache_filename))
+    for k, v in row.items():
+        if v not in (None, ""):
+            click.echo(f"{k:>15}: {v}")
+    lic = e.licence_warning()
+    if lic:
+        _warn(lic)
+
+
+@weights.command("fetch")
+@click.argument("spec")
+@click.option("--sha256", default=None, help="Expected SHA-256 (overrides the catalogue's).")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar (default: on a terminal, for large files).")
+def fetch_cmd(spec: str, sha256: Optional[str], progress: Optional[bool]) -> None:
+    """Download SPEC (a catalogue NAME, a URL or hf://REPO/FILE[@REV]) into the cache, verify it, print its path.
+
+    The cache is $SSLRECIPE_CACHE (default ~/.cache/sslrecipe); hub files use the Hugging Face cache
+    (HF_HOME, HF_ENDPOINT, HF_HUB_OFFLINE are honoured). With SSLRECIPE_OFFLINE=1 or HF_HUB_OFFLINE=1 only
+    cached files are used.
+    """
+    from sslrecipe.weights.fetch import fetch
+
+    got = fetch(spec, sha256, progress=progress, warn=_warn)
+    if got.recorded:
+        click.secho(f"recorded sha256 {got.sha256} (verified on every later use)", err=True)
+    elif not got.downloaded:
+        click.secho(f"cached, sha256 {got.sha256} verified", err=True)
+    click.echo(str(got.path))
+
+
+@weights.command("convert")
+@click.argument("src")
+@click.argument("dst", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--from", "layout", default="auto", show_default=True,
+              type=click.Choice(["auto", "dino", "moco", "resim", "mae", "spark", "leopart", "timm", "torchvision",
+                                 "detectron2"]),
+              help="The checkpoint's key layout.")
+@click.option("--backbone", default=None, help="timm model name to convert to (default: the catalogue entry's).")
+@click.option("--in-chans", type=int, default=None,
+              help="Input channels of the converted encoder (default: the checkpoint's); the first layer is adapted.")
+@click.option("--kwarg", "kwargs", multiple=True, help="Extra timm.create_model argument KEY=VALUE (repeatable).")
+@click.option("--sha256", default=None, help="Expected SHA-256 of SRC.")
+@click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON.")
+def convert_cmd(src: str, dst: Path, layout: str, backbone: Optional[str], in_chans: Optional[int],
+                kwargs: tuple[str, ...], sha256: Optional[str], as_json: bool) -> None:
+    """Convert SRC into DST/encoder.safetensors + DST/encoder.json with timm key names.
+
+    SRC is a checkpoint file, or a catalogue name / URL / hf:// path (fetched first). Reports the tensors
+    loaded, missing and unexpected, and what was dropped (heads, momentum encoders, queues, decoders).
+    """
+    from sslrecipe.weights.catalogue import find_entry
+    from sslrecipe.weights.convert import resolve_weights
+    from sslrecipe.weights.fetch import parse_spec
+
+    source = "file" if Path(src).expanduser().is_file() else "fetch"
+    entry = parse_spec(src).entry if source == "fetch" else find_entry(src)
+    name = backbone or (entry.backbone if entry else None)
+    if name is None:
+        raise SSLRecipeError("--backbone is required (a timm model name such as resnet50 or vit_small_patch16_224)")
+    chans = in_chans if in_chans is not None else (entry.in_chans if entry else None)
+    if chans is None:
+        chans = _checkpoint_in_chans(src, name, layout) if source == "file" else 3
+    out = resolve_weights(source, src, sha256, None if layout == "auto" else layout, name, chans, dst,
+                          timm_kwargs=_parse_kwargs(kwargs), warn=_warn)
+    meta = json.loads((out / "encoder.json").read_text())
+    report = meta.get("conversion", {})
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(f"layout {report.get('layout')}: {report.get('loaded')} of {report.get('total')} tensors of "
+                   f"{name} (in_chans={chans}) loaded")
+        for reason, n in (report.get("dropped") or {}).items():
+            click.echo(f"  dropped {n:4d} x {reason}")
+        if report.get("missing_keys"):
+            click.echo(f"  missing ({len(report['missing_keys'])}): {', '.join(report['missing_keys'][:10])}")
+        if report.get("unexpected_keys"):
+            unexpected = report["unexpected_keys"]
+            click.echo(f"  unexpected ({len(unexpected)}): {', '.join(unexpected[:10])}")
+        for n in report.get("notes", []):
+            click.echo(f"  note: {n}")
+    click.echo(str(out / "encoder.safetensors"))
+
+
+def _checkpoint_in_chans(path: str, timm_name: str, layout: str) -> int:
+    """The input channels of the checkpoint's first layer (so a 13-band file converts to a 13-band encoder)."""
+    import timm
+    import torch
+
+    from sslrecipe.weights.convert import detect_layout, load_checkpoint, select_state_dict
+
+    sd, implied = select_state_dict(load_checkpoint(path), None, [])
+    lay = layout if layout != "auto" else (implied or detect_layout(sd))
+    with torch.device("meta"):
+        ref = timm.create_model(timm_name, num_classes=0)
+    first = (ref.pretrained_cfg or {}).get("first_conv") or ""
+    first = first if isinstance(first, str) else first[0]
+    if lay == "torchvision" and first == "patch_embed.proj":
+        first = "conv_proj"
+    if lay == "detectron2":
+        first = "stem.conv1"
+    for k, v in sd.items():
+        if k.endswith(f"{first}.weight") and v.ndim == 4:
+            return int(v.shape[1])
+    return 3
+
+
+@weights.command("export")
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.option("--format", "fmt", required=True,
+              type=click.Choice(["timm", "torchvision", "ultralytics", "safetensors"]),
+              help="Target format.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output file (folder for timm); default: ENCODER_DIR/export/...")
+@click.option("--prefix", default="", help="Key prefix for torchvision/safetensors (e.g. backbone.body.).")
+@click.option("--nc", type=int, default=80, show_default=True, help="Number of classes of the Ultralytics model.")
+def export_cmd(src: Path, fmt: str, out: Optional[Path], prefix: str, nc: int) -> None:
+    """Export SRC (a run directory, an encoder directory or encoder.safetensors) for timm, torchvision detection,
+    Ultralytics YOLO (optional extra: pip install sslrecipe[yolo]) or as a plain safetensors file."""
+    from sslrecipe.weights.export import export_encoder_as
+
+    path = export_encoder_as(src, fmt, out, prefix=prefix, nc=nc, warn=_warn)
+    click.echo(str(path))
