@@ -6,9 +6,7 @@ import sys
 
 import click
 
-from sslrecipe.engine.loop import Interrupted
-from sslrecipe.engine.pipeline import STAGE_ORDER
-from sslrecipe.engine.runner import run_recipe
+from sslrecipe.engine.names import STAGE_ORDER
 
 from sslrecipe.recipe import load_recipe, recipe_to_yaml
 
@@ -45,6 +43,9 @@ def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, until: str
     Finished stages are skipped; an interrupted stage resumes from its last checkpoint.
     Ctrl-C stops gracefully with a checkpoint.
     """
+    from sslrecipe.engine.loop import Interrupted  # torch is imported only when a run starts
+    from sslrecipe.engine.runner import run_recipe
+
     try:
         target = run_recipe(recipe, overrides, run_dir=run_dir, until=until, force=force, progress=progress, cells=cells)
     except Interrupted as e:

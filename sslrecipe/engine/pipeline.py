@@ -30,7 +30,7 @@ from sslrecipe.engine.signals import graceful_stop
 from sslrecipe.errors import SSLRecipeError
 from sslrecipe.recipe import Recipe, recipe_to_yaml
 
-STAGE_ORDER = ("data", "pretrain", "weights", "finetune", "evaluate", "report")
+from sslrecipe.engine.names import STAGE_ORDER  # noqa: F401  (re-exported)
 DONE_NAME = "done.json"
 
 
