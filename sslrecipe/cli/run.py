@@ -20,6 +20,10 @@ _SET_HELP = "Override a recipe key, value parsed as YAML (repeatable): --set fin
 def validate(recipe: str, overrides: tuple[str, ...], print_: bool) -> None:
     """Check a recipe (types, unknown keys, extends, overrides) without running it."""
     resolved = load_recipe(recipe, overrides)
+    if resolved.weights.source == "pretrain":
+        from sslrecipe.ssl.registry import apply_method_defaults  # the method's official optimizer keys
+
+        resolved = apply_method_defaults(resolved)
     if print_:
         click.echo(recipe_to_yaml(resolved), nl=False)
     else:

@@ -48,6 +48,10 @@ def run_recipe(
     """Run a recipe (or resume a run directory); a recipe with `matrix:` runs each cell and compares them."""
     recipe_file, chosen_dir = resolve_run_target(recipe_path, run_dir) if recipe is None else (None, run_dir and Path(run_dir))
     recipe = recipe or load_recipe(recipe_file, overrides)
+    if recipe.weights.source == "pretrain":
+        from sslrecipe.ssl.registry import apply_method_defaults
+
+        recipe = apply_method_defaults(recipe)
     if recipe.matrix is not None:
         from sslrecipe.engine.matrix import run_matrix
 

@@ -268,7 +268,10 @@ def run_pretrain(ctx: StageContext) -> dict:
     method = create_method(p.method, recipe.backbone.name, recipe.backbone.in_chans, p.img_size,
                            p.options.get(p.method, {}), recipe.backbone.kwargs)
     if p.init is not None:
-        _init_encoder_from(ctx, method.encoder(), p.init)
+        _init_encoder_from(ctx, method, p.init)
+    elif p.method == "leopart":
+        ctx.warn("leopart starts from DINO weights in the paper; pretrain.init is not set, so it starts from random "
+                 "initialisation and will learn far less (set pretrain.init to a DINO checkpoint)")
     paths = (ctx.upstream["data"] / "unlabeled.txt").read_text().splitlines()
     manifest = read_manifest(ctx.upstream["data"])
     dataset = UnlabeledImages([Path(x) for x in paths], recipe.backbone.in_chans, transform=method.views, seed=recipe.seed,
@@ -291,7 +294,7 @@ def run_pretrain(ctx: StageContext) -> dict:
     return {"steps": result.steps, "final_loss": result.last_loss}
 
 
-def _init_encoder_from(ctx: StageContext, encoder: torch.nn.Module, ref) -> None:
+def _init_encoder_from(ctx: StageContext, method, ref) -> None:
     from safetensors.torch import load_file
 
     from sslrecipe.weights import resolve_weights
@@ -301,7 +304,13 @@ def _init_encoder_from(ctx: StageContext, encoder: torch.nn.Module, ref) -> None
     out = resolve_weights(ref.source, ref.id or ref.path, ref.sha256, ref.format, ctx.recipe.backbone.name,
                           ctx.recipe.backbone.in_chans, ctx.stage_dir / "init", timm_kwargs=ctx.recipe.backbone.kwargs,
                           warn=ctx.warn)
-    encoder.load_state_dict(load_file(str(Path(out) / "encoder.safetensors")), strict=True)
+    state = load_file(str(Path(out) / "encoder.safetensors"))
+    encoder = method.encoder()
+    if getattr(encoder, "pos_embed", None) is not None:  # a ViT pre-trained at another size: resample its grid
+        from sslrecipe.ssl.vit_utils import resize_pos_embed_in_state
+
+        state = resize_pos_embed_in_state(state, encoder)
+    method.load_encoder_weights(state)
 
 
 # --------------------------------------------------------------------------- weights

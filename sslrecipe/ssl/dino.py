@@ -269,7 +269,7 @@ def ema_update(teacher_params, student_params, momentum: float) -> None:
 
 
 # The official ViT optimiser settings (main_dino.py defaults) as pretrain.* recipe keys; exposed as
-# ``method.optim_defaults`` (the CNN variant, dino_cnn.DINOCNN, has its own). Not applied by the pipeline yet.
+# ``method.optim_defaults`` (the CNN variant, dino_cnn.DINOCNN, has its own); the pipeline fills them into unset pretrain.* keys.
 OPTIM_DEFAULTS = {"optimizer": "adamw", "betas": (0.9, 0.999), "blr": 5e-4, "weight_decay": 0.04, "schedule": "cosine",
                   "warmup_fraction": 0.1, "min_lr_ratio": 0.002, "clip_grad": None}  # clipping is per parameter, here
 
@@ -500,7 +500,16 @@ class DINO(OptimizerControl, SSLMethod):
                 p.grad = None
 
 
-@register("dino", ("vit", "cnn"), "self-distillation with no labels (Caron et al. 2021): multi-crop, EMA teacher, centering")
+def _dino_optim_defaults(family: str) -> dict:
+    if family == "cnn":
+        from sslrecipe.ssl.dino_cnn import OPTIM_DEFAULTS as CNN_DEFAULTS
+
+        return CNN_DEFAULTS
+    return OPTIM_DEFAULTS
+
+
+@register("dino", ("vit", "cnn"), "self-distillation with no labels (Caron et al. 2021): multi-crop, EMA teacher, centering",
+          optim_defaults=_dino_optim_defaults)
 def build_dino(timm_name: str, in_chans: int, img_size: int, options: dict, timm_kwargs: dict) -> DINO:
     if backbone_family(timm_name) == "cnn":  # the ResNet specifics (issue 6) live in dino_cnn.py
         from sslrecipe.ssl.dino_cnn import build_dino_cnn

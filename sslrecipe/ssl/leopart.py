@@ -258,14 +258,14 @@ class LeopartOptions(BaseModel):
 N_GLOBAL = 2  # crops_for_assign = [0, 1]
 
 # train_coco_config.yml as pretrain.* recipe keys (ViT-S/16; batch 32 per GPU x 2). Exposed as
-# ``method.optim_defaults``; the pipeline does not apply them yet (docs/ssl.md).
+# ``method.optim_defaults``; the pipeline fills them into unset pretrain.* keys (registry.apply_method_defaults).
 OPTIM_DEFAULTS = {"optimizer": "adamw", "betas": (0.9, 0.999), "lr": 1e-5, "weight_decay": 0.04, "schedule": "cosine",
                   "warmup_steps": 0, "min_lr_ratio": 0.0, "clip_grad": None}
 
 
 class Leopart(OptimizerControl, SSLMethod):
     name = "leopart"
-    optim_defaults = OPTIM_DEFAULTS  # not applied by the pipeline yet (docs/ssl.md)
+    optim_defaults = OPTIM_DEFAULTS
 
     def __init__(self, timm_name: str, in_chans: int, img_size: int, options: LeopartOptions, timm_kwargs: Optional[dict] = None):
         super().__init__()
@@ -509,7 +509,7 @@ class Leopart(OptimizerControl, SSLMethod):
                 group["weight_decay"] = wd
 
 
-@register("leopart", ("vit",), "dense fine-tuning of DINO ViTs (Ziegler & Asano 2022): patch clustering over crop intersections")
+@register("leopart", ("vit",), "dense fine-tuning of DINO ViTs (Ziegler & Asano 2022): patch clustering over crop intersections", optim_defaults=OPTIM_DEFAULTS)
 def build_leopart(timm_name: str, in_chans: int, img_size: int, options: dict, timm_kwargs: dict) -> Leopart:
     opts = V.parse_options(LeopartOptions, options, "leopart")
     return Leopart(timm_name, in_chans, img_size, opts, timm_kwargs)

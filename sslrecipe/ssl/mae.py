@@ -74,7 +74,7 @@ class MAEOptions(BaseModel):
 
 class MAE(SSLMethod):
     name = "mae"
-    optim_defaults = OPTIM_DEFAULTS  # not applied by the pipeline yet (docs/ssl.md)
+    optim_defaults = OPTIM_DEFAULTS
 
     def __init__(self, timm_name: str, in_chans: int, img_size: int, options: MAEOptions, timm_kwargs: Optional[dict] = None):
         super().__init__()
@@ -226,7 +226,7 @@ class MAE(SSLMethod):
         return self.vit
 
 
-@register("mae", ("vit",), "masked autoencoder (He et al. 2022): ViT encoder on 25% visible patches, pixel decoder")
+@register("mae", ("vit",), "masked autoencoder (He et al. 2022): ViT encoder on 25% visible patches, pixel decoder", optim_defaults=OPTIM_DEFAULTS)
 def build_mae(timm_name: str, in_chans: int, img_size: int, options: dict, timm_kwargs: dict) -> MAE:
     opts = V.parse_options(MAEOptions, options, "mae")
     return MAE(timm_name, in_chans, img_size, opts, timm_kwargs)

@@ -41,6 +41,17 @@ class SSLMethod(nn.Module):
     def encoder(self) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def teacher_encoder(self) -> Optional[nn.Module]:
+        """The EMA/momentum teacher's backbone, if the method has one (it must start equal to the student)."""
+        return getattr(self, "teacher_backbone", None)
+
+    def load_encoder_weights(self, state: dict) -> None:
+        """Start from given encoder weights (`pretrain.init`): the student, and the teacher with it."""
+        self.encoder().load_state_dict(state, strict=True)
+        teacher = self.teacher_encoder()
+        if teacher is not None:
+            teacher.load_state_dict(state, strict=True)
+
     def param_groups(self, weight_decay: float) -> list[dict]:
         from sslrecipe.engine.schedules import param_groups_with_decay
 
@@ -56,6 +67,8 @@ class MethodSpec:
     families: tuple[str, ...]
     build: Callable[..., SSLMethod]  # build(timm_name, in_chans, img_size, options: dict, timm_kwargs: dict)
     summary: str
+    # the official recipe's optimizer/schedule keys: a dict, or family -> dict
+    optim_defaults: Optional[Callable[[str], dict]] = None
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -63,9 +76,13 @@ _REGISTRY: dict[str, MethodSpec] = {}
 PLANNED = {"mae": "vit", "dino": "cnn, vit", "leopart": "vit", "spark": "cnn", "resim": "cnn", "hybrid": "cnn"}
 
 
-def register(name: str, families: tuple[str, ...], summary: str):
+def register(name: str, families: tuple[str, ...], summary: str, optim_defaults=None):
+    """Register a builder. `optim_defaults`: the official recipe's `pretrain.*` optimizer keys (a dict, or a
+    callable family -> dict); they fill every key the recipe leaves unset (see `apply_method_defaults`)."""
+
     def deco(build):
-        _REGISTRY[name] = MethodSpec(name, families, build, summary)
+        defaults = optim_defaults if callable(optim_defaults) or optim_defaults is None else (lambda family: optim_defaults)
+        _REGISTRY[name] = MethodSpec(name, families, build, summary, defaults)
         return build
 
     return deco
@@ -107,3 +124,23 @@ def create_method(name: str, timm_name: str, in_chans: int, img_size: int, optio
         )
     return spec.build(timm_name=timm_name, in_chans=in_chans, img_size=img_size, options=dict(options or {}),
                       timm_kwargs=dict(timm_kwargs or {}))
+
+
+def apply_method_defaults(recipe):
+    """The recipe with the pre-training method's official optimizer keys filled in wherever the user set
+    none (pydantic's `model_fields_set`), so `resolved.yaml` shows what really runs."""
+    p = recipe.pretrain
+    if recipe.weights.source != "pretrain" or not p.method:
+        return recipe
+    spec = available().get(p.method)
+    if spec is None or spec.optim_defaults is None:
+        return recipe
+    defaults = spec.optim_defaults(backbone_family(recipe.backbone.name)) or {}
+    unset = {k: v for k, v in defaults.items() if k not in p.model_fields_set and k in type(p).model_fields}
+    if not unset:
+        return recipe
+    data = recipe.model_dump(mode="json")
+    data["pretrain"].update(unset)
+    new = type(recipe).model_validate(data)
+    # keep the user's explicit keys recognisable as such (the defaults now count as set too)
+    return new

@@ -1,0 +1,69 @@
+"""Pre-training inside a run: the method's official optimizer keys resolved, strict export, caching
+that never redoes pre-training for fine-tuning or few-shot changes, and starting from given weights."""
+
+import json
+from pathlib import Path
+
+import timm
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from sslrecipe.cli import main
+from sslrecipe.engine.events import read_events
+from sslrecipe.ssl.registry import create_method
+
+TINY = Path(__file__).with_name("tiny.yaml")
+MAE = ["--set", "backbone={name: vit_tiny_patch16_224, in_chans: 1}", "--set", "weights.source=pretrain",
+       "--set", "pretrain={method: mae, steps: 2, batch_size: 4, img_size: 64}", "--until", "weights"]
+
+
+def run(run_dir, *args):
+    res = CliRunner().invoke(main, ["run", str(TINY), "--run-dir", str(run_dir), *MAE, *args], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def test_mae_pretrain_exports_strict_encoder_with_official_optimizer_keys(tmp_path):
+    run(tmp_path / "r")
+    resolved = yaml.safe_load((tmp_path / "r" / "resolved.yaml").read_text())
+    assert resolved["pretrain"]["betas"] == [0.9, 0.95] and resolved["pretrain"]["blr"] == 1.5e-4  # MAE's, not the generic
+    [weights] = (tmp_path / "r").glob("weights-*")
+    meta = json.loads((weights / "encoder.json").read_text())
+    assert meta["timm_kwargs"]["img_size"] == 64 and meta["timm_kwargs"]["in_chans"] == 1
+    model = timm.create_model(meta["timm_name"], **meta["timm_kwargs"])
+    model.load_state_dict(load_file(str(weights / "encoder.safetensors")), strict=True)
+
+    # an explicit key wins over the method's default
+    res = CliRunner().invoke(main, ["validate", str(TINY), *MAE[:-2], "--set", "pretrain.betas=[0.8, 0.9]", "--print"])
+    assert yaml.safe_load(res.output)["pretrain"]["betas"] == [0.8, 0.9]
+
+    # fine-tuning and few-shot changes keep the pre-training
+    n = len(list(read_events(tmp_path / "r" / "events.jsonl")))
+    run(tmp_path / "r", "--set", "finetune.lr=0.001", "--set", "data.shots=3")
+    later = list(read_events(tmp_path / "r" / "events.jsonl"))[n:]
+    assert [e["stage"] for e in later if e["event"] == "stage_cached"] == ["pretrain", "weights"]
+    assert [e["stage"] for e in later if e["event"] == "stage_start"] == ["data"]
+
+
+def test_pretrain_init_starts_student_and_teacher_from_the_file(tmp_path):
+    torch.manual_seed(5)
+    state = timm.create_model("vit_tiny_patch16_224", num_classes=0, in_chans=1).state_dict()
+    path = tmp_path / "init.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    res = CliRunner().invoke(main, [
+        "run", str(TINY), "--run-dir", str(tmp_path / "r"), *MAE[:-4],
+        "--set", f"pretrain={{method: mae, steps: 1, batch_size: 4, img_size: 64, lr: 1.0e-12, init: {{source: file, path: {path}, format: timm}}}}",
+        "--until", "weights"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    [weights] = (tmp_path / "r").glob("weights-*")
+    exported = load_file(str(weights / "encoder.safetensors"))
+    # the 224-px grid was resampled to 64 px; everything else is the file's (an lr of 1e-12 barely moves it)
+    assert torch.allclose(exported["blocks.0.attn.qkv.weight"], state["blocks.0.attn.qkv.weight"], atol=1e-6)
+    assert exported["pos_embed"].shape[1] == 1 + 16
+
+    dino = create_method("dino", "vit_tiny_patch16_224", 1, 64, {"out_dim": 256, "local_crops_number": 2}, {})
+    dino.load_encoder_weights({k: v for k, v in exported.items()})
+    for (name, s), t in zip(dino.encoder().state_dict().items(), dino.teacher_encoder().state_dict().values()):
+        assert torch.equal(s, t), name
