@@ -21,6 +21,9 @@ class _FriendlyGroup(click.Group):
         except SSLRecipeError as e:
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:  # e.g. Ctrl-C while still importing, before a run can checkpoint
+            click.secho("interrupted", fg="yellow", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=_FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})

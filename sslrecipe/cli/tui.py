@@ -1,12 +1,21 @@
-"""`sslrecipe tui` (placeholder until the Textual app lands)."""
+"""`sslrecipe tui`: the terminal app (advisor, runs, run monitor, launcher)."""
+
+from __future__ import annotations
 
 import click
 
-from sslrecipe.errors import NotYetAvailable
-
 
 @click.command()
-@click.option("--runs", default="runs", show_default=True, help="Runs directory to watch.")
+@click.option("--runs", default="runs", show_default=True, type=click.Path(file_okay=False),
+              help="Runs directory to list and watch (created when a run is launched).")
 def tui(runs: str) -> None:
-    """Terminal app: advisor, run monitor, launcher (not available in this version yet)."""
-    raise NotYetAvailable("`sslrecipe tui` is not implemented in this version yet; follow a run with `tail -f RUN/events.jsonl`.")
+    """Terminal app: the advisor, your runs live, launch / stop / resume, compare.
+
+    \b
+    Keys: Enter open a run · a advisor · l launch a recipe · s stop (checkpoint)
+          r resume · space mark, c compare · Escape back · q quit
+    Works over SSH; runs keep going when the app quits.
+    """
+    from sslrecipe.tui.app import run_app
+
+    run_app(runs)

@@ -23,7 +23,8 @@ class ConsoleReporter:
         interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.rich = mode == "rich" or (mode == "auto" and interactive)
         self.console = Console(file=self.stream, highlight=False, force_terminal=self.rich if mode == "rich" else None)
-        self._say = lambda text, style=None: self.console.print(text, style=style, markup=False)
+        # soft_wrap: a line in a log file is one line, whatever the (absent) terminal width
+        self._say = lambda text, style=None: self.console.print(text, style=style, markup=False, soft_wrap=True)
         self.progress: Optional[Progress] = None
         self.tasks: dict[str, int] = {}
         self._last_plain = 0.0

@@ -1,3 +1,4 @@
-"""Stage names in pipeline order (a light module: the CLI imports it without importing torch)."""
+"""The run-directory vocabulary (a light module: the CLI and the TUI import it without importing torch)."""
 
 STAGE_ORDER = ("data", "pretrain", "weights", "finetune", "evaluate", "report")
+DONE_NAME = "done.json"  # a stage directory holding this file is finished

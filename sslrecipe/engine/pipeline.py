@@ -30,8 +30,7 @@ from sslrecipe.engine.signals import graceful_stop
 from sslrecipe.errors import SSLRecipeError
 from sslrecipe.recipe import Recipe, recipe_to_yaml
 
-from sslrecipe.engine.names import STAGE_ORDER  # noqa: F401  (re-exported)
-DONE_NAME = "done.json"
+from sslrecipe.engine.names import DONE_NAME, STAGE_ORDER  # noqa: F401  (re-exported)
 
 
 def stable_hash(obj: Any, length: int = 12) -> str:

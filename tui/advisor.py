@@ -1,0 +1,256 @@
+"""The advisor screen: constraints as a form, the ranked options with the survey's numbers, a recipe."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.screen import Screen
+from textual.timer import Timer
+from textual.widgets import Button, Footer, Header, Input, Label, Select, Static
+
+from sslrecipe.guide import Advice, Constraints, Option, advise
+from sslrecipe.guide.advisor import INIT_PHRASES
+from sslrecipe.guide.constraints import BACKBONES, CUSTOM, DOMAINS, LOCALIZATIONS, MODEL_SIZES, OBJECT_SIZES, SHIFTS
+from sslrecipe.guide.evidence import fmt
+from sslrecipe.tui.common import error_message, guarded, size_classes
+
+AUTO = "__default__"  # the Select value meaning "not said" (the advisor's default applies)
+
+# (key, label, choices, what the default means)
+SELECTS = (
+    ("backbone", "backbone", BACKBONES, "any"),
+    ("model_size", "model size", MODEL_SIZES, "any"),
+    ("object_size", "objects", OBJECT_SIZES, "mixed"),
+    ("localization", "localization", LOCALIZATIONS, "strict"),
+    ("domain", "domain", DOMAINS, "rgb"),
+    ("domain_shift", "domain shift", SHIFTS, "from domain"),
+    ("custom_pretrain", "own pretrain", CUSTOM, "auto"),
+)
+# (key, label, placeholder)
+NUMBERS = (
+    ("shots", "labeled", "plenty (images)"),
+    ("unlabeled", "unlabeled", "unknown (images)"),
+    ("channels", "channels", "3 / from data"),
+)
+LEVEL_STYLE = {"high": "bold green", "medium": "bold yellow", "low": "bold red"}
+
+
+def _options(choices: tuple[str, ...], default: str) -> list[tuple[str, str]]:
+    out = [(f"({default})", AUTO)]
+    out += [(c, c) for c in choices if c != default]
+    return out
+
+
+def option_renderable(rank: int, o: Option) -> Group:
+    """One recommendation: what to do, the survey's numbers behind it, why, and its caveats."""
+    weights = INIT_PHRASES[o.init]
+    if o.init == "public":
+        weights += f" ({o.candidate.weights})"
+    elif o.init == "public+custom-pretrain" and o.candidate.continue_from:
+        weights += f" (from {o.candidate.continue_from})"
+    head = Text.assemble(
+        ("method ", "dim"), (o.method, "bold"), ("  backbone ", "dim"), (o.backbone, "bold"),
+        ("\n", ""), ("init ", "dim"), weights,
+    )
+    parts: list[Any] = [head]
+    if o.evidence:
+        table = Table(box=None, show_header=True, header_style="dim", padding=(0, 1), expand=False)
+        table.add_column("evidence")
+        table.add_column("value", justify="right", style="bold cyan", no_wrap=True)
+        for row in o.evidence[:6]:
+            table.add_row(Text.assemble(f"Table {row.table}", (" · ", "dim"), row.label, (" · ", "dim"), row.column),
+                          fmt(row.value, row.metric))
+        parts.append(table)
+    else:
+        parts.append(Text("evidence: none (not measured by the survey)", "magenta"))
+    parts.append(Text.assemble(("why ", "bold"), (o.rationale, "")))
+    for c in list(o.caveats) + ([o.resolution.text] if o.resolution else []):
+        parts.append(Text.assemble(("caveat ", "bold yellow"), c))
+    for x in o.extrapolated:
+        parts.append(Text.assemble(("extrapolated ", "bold magenta"), x))
+    return Group(*parts)
+
+
+class AdvisorScreen(Screen):
+    """The advisor's constraints as a form; the ranking follows every change."""
+
+    BINDINGS = [
+        Binding("escape", "back", "Back"),
+        Binding("w", "write", "Write recipe"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.advice: Optional[Advice] = None
+        self.error: Optional[str] = None
+        self.computations = 0
+        self._debounce: Optional[Timer] = None
+        self._data: Optional[str] = None
+        self._last_error_notified: Optional[str] = None
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="advisor"):
+            with VerticalScroll(id="form"):
+                for key, label, choices, default in SELECTS:
+                    with Horizontal(classes="field"):
+                        yield Label(label, classes="field-label")
+                        yield Select(_options(choices, default), value=AUTO, allow_blank=False, compact=True,
+                                     id=f"c-{key}")
+                for key, label, placeholder in NUMBERS:
+                    with Horizontal(classes="field"):
+                        yield Label(label, classes="field-label")
+                        yield Input(placeholder=placeholder, type="integer", compact=True, id=f"c-{key}")
+                with Horizontal(classes="field"):
+                    yield Label("dataset", classes="field-label")
+                    yield Input(placeholder="train.json (Enter)", compact=True, id="c-data")
+                yield Static(
+                    "(…) = the default. dataset: COCO JSON or any format `sslrecipe data stats` reads, applied "
+                    "with Enter; it fills objects, labeled and channels.", id="form-help",
+                )
+                yield Button("Write recipe", id="write", variant="primary")
+            with VerticalScroll(id="advice"):
+                yield Static(id="advice-head")
+                yield Static(id="advice-error")
+                yield Static(id="advice-cards")
+        yield Footer(show_command_palette=False)
+
+    def on_resize(self, event) -> None:
+        size_classes(self, event.size.width, event.size.height, narrow_below=100, short_below=34)
+
+    def on_mount(self) -> None:
+        self.sub_title = "advisor: which SSL pre-training the survey's evidence supports"
+        self.query_one("#form").border_title = "your problem"
+        self.query_one("#advice").border_title = "recommendations"
+        self.query_one("#advice-error").display = False
+        self.recompute()
+
+    # ------------------------------------------------------------------ the form
+
+    def constraints(self) -> Constraints:
+        values: dict[str, Any] = {}
+        for key, *_ in SELECTS:
+            v = self.query_one(f"#c-{key}", Select).value
+            values[key] = None if v in (AUTO, Select.BLANK) else v
+        for key, label, _ in NUMBERS:
+            text = self.query_one(f"#c-{key}", Input).value.strip()
+            if not text:
+                values[key] = None
+                continue
+            try:
+                values[key] = int(text)
+            except ValueError:
+                from sslrecipe.errors import SSLRecipeError
+
+                raise SSLRecipeError(f"{label}: {text!r} is not a whole number") from None
+        values["data"] = self._data
+        return Constraints(**values)
+
+    @on(Select.Changed)
+    @on(Input.Changed, "#c-shots, #c-unlabeled, #c-channels")
+    def _changed(self) -> None:
+        if self._debounce is not None:
+            self._debounce.stop()
+        self._debounce = self.set_timer(0.25, self.recompute)
+
+    @on(Input.Submitted, "#c-data")
+    def _data_submitted(self, event: Input.Submitted) -> None:
+        self._data = event.value.strip() or None
+        self.recompute()
+
+    @on(Button.Pressed, "#write")
+    def _write_pressed(self) -> None:
+        self.action_write()
+
+    def recompute(self) -> None:
+        try:
+            constraints = self.constraints()
+        except Exception as e:  # noqa: BLE001 - shown in the pane and as a notification
+            self._show(None, error_message(e))
+            return
+        self._advise(constraints)
+
+    @work(thread=True, exclusive=True, group="advise", exit_on_error=False)
+    def _advise(self, constraints: Constraints) -> None:
+        advice, error = None, None
+        try:
+            advice = advise(constraints)
+        except Exception as e:  # noqa: BLE001 - SSLRecipeError for a meaningless combination
+            error = error_message(e)
+        try:
+            self.app.call_from_thread(self._show, advice, error)
+        except RuntimeError:
+            pass
+
+    # ------------------------------------------------------------------ the advice
+
+    @guarded
+    def _show(self, advice: Optional[Advice], error: Optional[str]) -> None:
+        self.computations += 1
+        err = self.query_one("#advice-error", Static)
+        err.display = error is not None
+        if error is not None:
+            self.error = error
+            err.update(Text.assemble(("✗ ", "bold red"), error))
+            if error != self._last_error_notified:
+                self.notify(error, title="advisor", severity="error", markup=False)
+            self._last_error_notified = error
+            return
+        self.error = None
+        self._last_error_notified = None
+        self.advice = advice
+        r = advice.constraints
+        said = []
+        for key, value in (("backbone", r.backbone), ("size", r.model_size),
+                           ("shots", r.shots if r.shots is not None else "plenty"), ("objects", r.object_size),
+                           ("localization", r.localization), ("domain", r.domain), ("shift", r.domain_shift),
+                           ("unlabeled", r.unlabeled), ("own pre-train", r.custom_pretrain), ("channels", r.channels)):
+            if value is None:
+                continue
+            said.append(f"{key} {value}")
+        head = Text.assemble(("For ", "dim"), ", ".join(said), "\n", ("Evidence weighed: ", "dim"),
+                             ", ".join(f"Table {c.table} {c.column} ×{c.weight:g}" for c in advice.active))
+        if r.data_facts is not None:
+            head.append("\nData: ", "dim")
+            head.append(r.data_facts.summary())
+        self.query_one("#advice-head", Static).update(head)
+        cards = []
+        for i, o in enumerate(advice.recommendations, 1):
+            cards.append(Text.assemble((f"{i}. {o.label}", "bold cyan" if i == 1 else "bold"), "   confidence ",
+                                       (f"{o.level} {o.confidence:.2f}", LEVEL_STYLE.get(o.level, "")),
+                                       (f"   score {o.score:.2f}", "dim")))
+            cards.append(option_renderable(i, o))
+            cards.append(Text(""))
+        b = advice.baseline
+        cards.append(Text.assemble(("Baseline to beat  ", "bold"), (f"{b.backbone} from scratch", "bold"), "\n",
+                                   (b.rationale, "dim")))
+        self.query_one("#advice-cards", Static).update(Group(*cards))
+
+    # ------------------------------------------------------------------ actions
+
+    def action_back(self) -> None:
+        self.app.pop_screen()
+
+    @guarded
+    def action_write(self) -> None:
+        if self.advice is None:
+            self.notify(self.error or "No advice yet: the form has an error.", severity="warning", markup=False)
+            return
+        from sslrecipe.tui.dialogs import WriteRecipeDialog
+
+        self.app.push_screen(WriteRecipeDialog(self.advice), self._written)
+
+    @guarded
+    def _written(self, result: Optional[tuple[str, bool]]) -> None:
+        if result is None:
+            return
+        path, launch = result
+        if launch:
+            self.app.launch_recipe(path)
