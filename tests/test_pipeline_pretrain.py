@@ -67,3 +67,18 @@ def test_pretrain_init_starts_student_and_teacher_from_the_file(tmp_path):
     dino.load_encoder_weights({k: v for k, v in exported.items()})
     for (name, s), t in zip(dino.encoder().state_dict().items(), dino.teacher_encoder().state_dict().values()):
         assert torch.equal(s, t), name
+
+
+def test_resim_pretrain_then_finetune_starts_from_its_fpn(tmp_path):
+    """ReSim's in-backbone FPN is exported beside the encoder and seeds the detector's FPN (the official transfer)."""
+    res = CliRunner().invoke(main, [
+        "run", str(TINY), "--run-dir", str(tmp_path / "r"), "--set", "weights.source=pretrain",
+        "--set", "pretrain={method: resim, steps: 2, batch_size: 4, img_size: 96, options: {resim: {queue_size: 64, fpn_dim: 32}}}",
+        "--set", "finetune.steps=1", "--until", "finetune"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    resolved = yaml.safe_load((tmp_path / "r" / "resolved.yaml").read_text())
+    assert resolved["pretrain"]["optimizer"] == "sgd"  # ReSim's official recipe filled in
+    [weights] = (tmp_path / "r").glob("weights-*")
+    assert (weights / "encoder_fpn.safetensors").is_file()
+    seeded = [e for e in read_events(tmp_path / "r" / "events.jsonl") if e.get("name") == "finetune/pretrained_fpn_tensors"]
+    assert seeded and seeded[0]["value"] > 0

@@ -291,6 +291,7 @@ def run_pretrain(ctx: StageContext) -> dict:
     timm_kwargs = {"in_chans": recipe.backbone.in_chans, "num_classes": 0, **recipe.backbone.kwargs}
     timm_kwargs.update(getattr(method, "export_timm_kwargs", {}))
     export_encoder(method.encoder(), ctx.stage_dir, recipe.backbone.name, timm_kwargs, extra={"method": p.method, "steps": result.steps})
+    method.export_extra(ctx.stage_dir)  # e.g. ReSim's FPN, which fine-tuning starts from
     return {"steps": result.steps, "final_loss": result.last_loss}
 
 
@@ -396,6 +397,7 @@ def run_finetune(ctx: StageContext) -> dict:
     }
     torch.manual_seed(recipe.seed)
     model = build_detector_from(spec, ctx.upstream["weights"])
+    _load_pretrained_fpn(ctx, model, f.fpn_channels)
     device, precision = _device_precision(recipe)
     total = _total_steps(f.steps, f.epochs, len(dataset), f.batch_size, f.accumulate, drop_last=False)
     settings = LoopSettings(
@@ -413,6 +415,25 @@ def run_finetune(ctx: StageContext) -> dict:
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(ctx.stage_dir / "detector.safetensors"))
     atomic_write_text(ctx.stage_dir / "detector.json", json.dumps(spec, indent=1))
     return {"steps": result.steps, "final_loss": result.last_loss, "anchor_sizes": list(anchors)}
+
+
+def _load_pretrained_fpn(ctx: StageContext, model, fpn_channels: int) -> None:
+    """Start the detector's FPN from a pre-trained one (ReSim's in-backbone FPN), as the official transfer does."""
+    path = ctx.upstream["weights"] / "encoder_fpn.safetensors"
+    if not path.is_file():
+        return
+    from sslrecipe.ssl.resim import fpn_state_for_torchvision, load_fpn
+
+    fpn = load_fpn(path)
+    state = fpn_state_for_torchvision(fpn.state_dict(), list(model.backbone.body.strides))
+    fpn_model = model.backbone.fpn
+    mismatched = [k for k, v in state.items() if k not in fpn_model.state_dict() or fpn_model.state_dict()[k].shape != v.shape]
+    if mismatched:
+        ctx.warn(f"the pre-trained FPN ({path.name}) does not fit finetune.fpn_channels={fpn_channels}; "
+                 f"set finetune.fpn_channels to its width to start from it. Training this FPN from scratch.")
+        return
+    fpn_model.load_state_dict(state, strict=False)
+    ctx.events.emit("metric", "finetune", name="finetune/pretrained_fpn_tensors", value=len(state))
 
 
 def load_finetuned(finetune_dir: Path):

@@ -41,6 +41,10 @@ class SSLMethod(nn.Module):
     def encoder(self) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def export_extra(self, out_dir) -> list:
+        """Write extra pretrained parts beside the encoder (e.g. ReSim's FPN as encoder_fpn.safetensors)."""
+        return []
+
     def teacher_encoder(self) -> Optional[nn.Module]:
         """The EMA/momentum teacher's backbone, if the method has one (it must start equal to the student)."""
         return getattr(self, "teacher_backbone", None)
