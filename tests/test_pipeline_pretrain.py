@@ -82,3 +82,15 @@ def test_resim_pretrain_then_finetune_starts_from_its_fpn(tmp_path):
     assert (weights / "encoder_fpn.safetensors").is_file()
     seeded = [e for e in read_events(tmp_path / "r" / "events.jsonl") if e.get("name") == "finetune/pretrained_fpn_tensors"]
     assert seeded and seeded[0]["value"] > 0
+
+
+def test_method_on_an_unsupported_family_names_the_alternatives():
+    from sslrecipe.errors import SSLRecipeError
+
+    import pytest
+
+    with pytest.raises(SSLRecipeError) as e:
+        create_method("spark", "vit_tiny_patch16_224", 3, 64, {}, {})
+    assert "supports cnn" in str(e.value) and "mae" in str(e.value) and "dino" in str(e.value)
+    with pytest.raises(SSLRecipeError, match="unknown pretrain.method 'simclr'"):
+        create_method("simclr", "resnet18", 3, 64, {}, {})

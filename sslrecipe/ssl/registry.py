@@ -76,8 +76,6 @@ class MethodSpec:
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
-# methods described in the schema/docs whose implementation has not landed yet
-PLANNED = {"mae": "vit", "dino": "cnn, vit", "leopart": "vit", "spark": "cnn", "resim": "cnn", "hybrid": "cnn"}
 
 
 def register(name: str, families: tuple[str, ...], summary: str, optim_defaults=None):
@@ -113,18 +111,14 @@ def create_method(name: str, timm_name: str, in_chans: int, img_size: int, optio
     methods = available()
     family = backbone_family(timm_name)
     if name not in methods:
-        if name in PLANNED:
-            raise SSLRecipeError(
-                f"pretrain.method '{name}' is not implemented in this version yet (available: "
-                f"{', '.join(sorted(methods)) or 'none'}). Use weights.source: fetch or file for public {name} weights, "
-                "or weights.source: scratch."
-            )
-        raise SSLRecipeError(f"unknown pretrain.method '{name}'; known methods: {', '.join(sorted(set(methods) | set(PLANNED)))}")
+        raise SSLRecipeError(f"unknown pretrain.method '{name}'; methods: {', '.join(sorted(methods))}")
     spec = methods[name]
     if family not in spec.families:
+        fitting = sorted(n for n, s in methods.items() if family in s.families)
         raise SSLRecipeError(
             f"pretrain.method '{name}' supports {', '.join(spec.families)} backbones, but backbone.name "
-            f"'{timm_name}' is a {family}; choose a {' or '.join(spec.families)} backbone or another method"
+            f"'{timm_name}' is a {family}; choose a {' or '.join(spec.families)} backbone, or a method for "
+            f"{family} backbones: {', '.join(fitting) or 'none yet'}"
         )
     return spec.build(timm_name=timm_name, in_chans=in_chans, img_size=img_size, options=dict(options or {}),
                       timm_kwargs=dict(timm_kwargs or {}))
