@@ -18,3 +18,15 @@ def hit_uav() -> Path:
     if not HIT_UAV.is_dir():
         pytest.skip(f"HIT-UAV data not found at {HIT_UAV} (CI provides ../shared/data/hit-uav)")
     return HIT_UAV
+
+
+_PILLOW_OPEN = __import__("PIL.Image", fromlist=["open"]).open
+
+
+@pytest.fixture(autouse=True)
+def _pillow_open_restored():
+    """Tests that import Ultralytics directly let it patch PIL.Image.open; later tests need Pillow's own."""
+    yield
+    from PIL import Image
+
+    Image.open = _PILLOW_OPEN

@@ -1,4 +1,8 @@
-"""COCO evaluation: hand-computed cases and equality with a direct pycocotools run."""
+"""COCO evaluation: hand-computed cases and equality with a direct pycocotools run.
+
+The class-agnostic, IoU 0.05/0.3 and F1 metrics are checked against independent pycocotools runs on real
+ground truth (HIT-UAV val, with its DontCare ignore regions) with noisy detections.
+"""
 
 import contextlib
 import io
@@ -43,8 +47,10 @@ SIZED = {
 def test_perfect_detections_score_100_everywhere():
     dets = [_det(i, *b, 0.9) for i, boxes in SIZED.items() for b in boxes]
     m = evaluate_detections(_gt(SIZED), dets)
-    assert list(m) == KEYS
-    assert all(v == pytest.approx(100.0) for v in m.values()), m
+    assert list(m)[:7] == KEYS
+    rates = {k: v for k, v in m.items() if not k.endswith("_threshold")}
+    assert all(v == pytest.approx(100.0) for v in rates.values()), m
+    assert m["F1_threshold"] == pytest.approx(0.9)
 
 
 def test_box_at_iou_0_61_counts_at_ap50_not_ap75():
@@ -67,7 +73,8 @@ def test_empty_size_bucket_is_none_not_minus_one():
 
 def test_empty_detections_are_zero_not_a_crash():
     m = evaluate_detections(_gt(SIZED), [])
-    assert all(v == 0.0 for v in m.values()), m
+    assert all(m[k] == 0.0 for k in KEYS), m
+    assert m["F1"] == 0.0 and m["recall"] == 0.0 and m["precision"] is None and m["F1_threshold"] is None
     only_large = evaluate_detections(_gt({1: [(0, 0, 200, 200, 3)]}), [])
     assert only_large["bbox/mAP"] == 0.0 and only_large["bbox/AP_small"] is None
 
@@ -131,12 +138,13 @@ def test_numbers_equal_a_direct_pycocotools_run(tmp_path):
 
     stats = _direct_pycocotools(gt_path, dets_path, 100)
     ours = evaluate_detections(gt_path, dets_path)
-    assert list(ours) == KEYS
+    assert list(ours)[:7] == KEYS
     for key, idx in zip(KEYS, [0, 1, 2, 3, 4, 5, 8]):
         expected = None if stats[idx] < 0 else stats[idx] * 100
         assert ours[key] == pytest.approx(expected, abs=1e-9), key
     assert 0 < ours["bbox/mAP"] < 100 and ours["bbox/AP50"] > ours["bbox/AP75"]  # a non-trivial case
     assert evaluate_detections(gt, dets) == ours  # dict inputs give the same numbers as files
+    assert ours["per_class/car/AP"] is not None and ours["per_class/person/AP50"] is not None
 
 
 def test_max_dets_limits_detections_per_image_and_category(tmp_path):
@@ -144,7 +152,7 @@ def test_max_dets_limits_detections_per_image_and_category(tmp_path):
     for i in range(8):  # a crowded image: many low-score extra detections of one class
         dets.append(_det(1, 300 + 5 * i, 100, 20, 20, 3, 0.01 * i))
     ours = evaluate_detections(gt, dets, max_dets=2)
-    assert list(ours) == KEYS[:6] + ["bbox/AR2"]
+    assert list(ours)[:7] == KEYS[:6] + ["bbox/AR2"]
 
     # pycocotools keeps the top maxDets detections per (image, category): truncating the results that way
     # and evaluating with COCO's default maxDets=100 must give the same numbers
@@ -167,3 +175,201 @@ def test_max_dets_limits_detections_per_image_and_category(tmp_path):
 def test_detections_on_unknown_images_are_a_clear_error():
     with pytest.raises(DataError, match="image ids not in the ground truth: \\[99\\]"):
         evaluate_detections(_gt(SIZED), [_det(99, 0, 0, 5, 5, 3, 0.5)])
+
+
+def test_agnostic_metrics_merge_classes_and_f1_counts_hits():
+    # two objects, detected in the right places but with swapped classes: class-aware AP 0, agnostic 100
+    gt = _gt({1: [(0, 0, 20, 20, 3), (100, 100, 20, 20, 9)]})
+    dets = [_det(1, 0, 0, 20, 20, 9, 0.9), _det(1, 100, 100, 20, 20, 3, 0.8)]
+    m = evaluate_detections(gt, dets)
+    assert m["bbox/mAP"] == 0.0 and m["F1"] == 0.0
+    assert m["agnostic/mAP"] == pytest.approx(100.0) and m["agnostic/AP_small"] == pytest.approx(100.0)
+    assert m["agnostic/AP_small@0.3"] == pytest.approx(100.0) and m["agnostic/AP@0.05"] == pytest.approx(100.0)
+
+    # a loose box (IoU 0.1 with its object) counts at IoU 0.05 only; F1 threshold picks the best cut
+    gt = _gt({1: [(0, 0, 20, 20, 3), (100, 100, 20, 20, 3)]})
+    dets = [_det(1, 0, 0, 20, 20, 3, 0.9),            # hit
+            _det(1, 300, 300, 20, 20, 3, 0.7),        # false positive
+            _det(1, 110, 110, 30, 30, 3, 0.5)]        # IoU 100/(400+900-100) = 0.083
+    m = evaluate_detections(gt, dets)
+    # IoU 0.5: best is to keep only the 0.9 detection: P = 1, R = 0.5, F1 = 2/3
+    assert m["F1"] == pytest.approx(200 / 3) and m["F1_threshold"] == pytest.approx(0.9)
+    assert m["precision"] == pytest.approx(100.0) and m["recall"] == pytest.approx(50.0)
+    # IoU 0.05: keeping all three: P = 2/3, R = 1, F1 = 0.8 (better than 2/3 at 0.9)
+    assert m["F1@0.05"] == pytest.approx(80.0) and m["F1@0.05_threshold"] == pytest.approx(0.5)
+    assert m["precision@0.05"] == pytest.approx(200 / 3) and m["recall@0.05"] == pytest.approx(100.0)
+    # AP@0.05: precision 1 at recall 0.5, 2/3 at recall 1 -> 101-point interpolation
+    expected = (51 * 1.0 + 50 * (2 / 3)) / 101 * 100
+    assert m["bbox/AP@0.05"] == pytest.approx(expected)
+    assert m["bbox/AP50"] == pytest.approx(51 / 101 * 100)
+
+
+def test_f1_ignores_detections_in_crowd_regions():
+    gt = _gt({1: [(0, 0, 50, 50, 3)]}, crowd=[(1, (200, 200, 100, 100, 3))])
+    dets = [_det(1, 210, 210, 20, 20, 3, 0.99), _det(1, 0, 0, 50, 50, 3, 0.5)]
+    m = evaluate_detections(gt, dets)
+    assert m["F1"] == pytest.approx(100.0) and m["precision"] == pytest.approx(100.0)
+    # an 'ignore: 1' annotation without iscrowd is an ignore region too
+    gt2 = _gt({1: [(0, 0, 50, 50, 3), (200, 200, 100, 100, 3)]})
+    gt2["annotations"][1]["ignore"] = 1
+    assert evaluate_detections(gt2, dets)["F1"] == pytest.approx(100.0)
+
+
+def test_per_class_ap_equals_pycocotools_restricted_to_that_class(tmp_path):
+    gt, dets = _noisy_case(seed=4)
+    gt_path, dets_path = tmp_path / "gt.json", tmp_path / "dets.json"
+    gt_path.write_text(json.dumps(gt))
+    dets_path.write_text(json.dumps(dets))
+    ours = evaluate_detections(gt_path, dets_path)
+    for cid, name in ((3, "car"), (9, "person")):
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_gt = COCO(str(gt_path))
+            ev = COCOeval(coco_gt, coco_gt.loadRes(str(dets_path)), "bbox")
+            ev.params.catIds = [cid]
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        assert ours[f"per_class/{name}/AP"] == pytest.approx(ev.stats[0] * 100, abs=1e-9)
+        assert ours[f"per_class/{name}/AP50"] == pytest.approx(ev.stats[1] * 100, abs=1e-9)
+        small = None if ev.stats[3] < 0 else ev.stats[3] * 100
+        assert ours[f"per_class/{name}/AP_small"] == pytest.approx(small, abs=1e-9)
+
+
+def test_mask_metrics_when_detections_carry_segmentation():
+    from pycocotools import mask as mask_utils
+    import numpy as np
+
+    gt = _gt({1: [(10, 10, 40, 40, 3)]})
+    gt["annotations"][0]["segmentation"] = [[10, 10, 50, 10, 50, 50, 10, 50]]  # the full box
+    half = np.zeros((512, 640), dtype=np.uint8, order="F")
+    half[10:50, 10:30] = 1  # left half of the object: mask IoU 0.5, box IoU 1 when the box is the object's
+    rle = mask_utils.encode(half)
+    rle["counts"] = rle["counts"].decode("ascii")
+    dets = [{**_det(1, 10, 10, 40, 40, 3, 0.9), "segmentation": rle}]
+    m = evaluate_detections(gt, dets)
+    assert m["bbox/mAP"] == pytest.approx(100.0)
+    assert m["segm/AP50"] == pytest.approx(100.0) and m["segm/AP75"] == pytest.approx(0.0)
+    assert "segm/mAP" not in evaluate_detections(gt, [_det(1, 10, 10, 40, 40, 3, 0.9)])
+    with pytest.raises(DataError, match="segmentation"):
+        evaluate_detections(_gt({1: [(10, 10, 40, 40, 3)]}), dets, segm=True)
+
+
+# ------------------------------------------------------------------- real ground truth: HIT-UAV val
+
+
+def _hit_uav_case(hit_uav, n_images=80, seed=0):
+    """HIT-UAV val restricted to its first images, with noisy detections: jittered hits (some with the
+    wrong class), loose boxes that only count at low IoU, false positives, hits inside DontCare regions."""
+    from sslrecipe.data.formats import read_hit_uav
+
+    full = read_hit_uav(hit_uav / "annotations" / "val.json")
+    keep = {im["id"] for im in sorted(full["images"], key=lambda im: im["id"])[:n_images]}
+    gt = {"images": [im for im in full["images"] if im["id"] in keep], "categories": full["categories"],
+          "annotations": [a for a in full["annotations"] if a["image_id"] in keep]}
+    assert any(a.get("iscrowd") for a in gt["annotations"])  # real ignore regions are part of the case
+    cats = [c["id"] for c in gt["categories"]]
+    rng = random.Random(seed)
+    dets = []
+    for a in gt["annotations"]:
+        x, y, w, h = a["bbox"]
+        if a.get("iscrowd"):
+            if rng.random() < 0.5:
+                dets.append(_det(a["image_id"], x + 1, y + 1, w / 2, h / 2, a["category_id"], rng.random()))
+            continue
+        r = rng.random()
+        if r < 0.65:
+            c = a["category_id"] if rng.random() < 0.85 else rng.choice(cats)
+            dets.append(_det(a["image_id"], x + rng.gauss(0, 1.5), y + rng.gauss(0, 1.5), w * rng.uniform(0.8, 1.25),
+                             h * rng.uniform(0.8, 1.25), c, rng.uniform(0.2, 1.0)))
+        elif r < 0.8:  # a loose box: IoU well below 0.5 but above 0.05
+            dets.append(_det(a["image_id"], x + w * 0.6, y + h * 0.5, w * 1.5, h * 1.5, a["category_id"], rng.uniform(0.1, 0.9)))
+    for im in gt["images"]:
+        for _ in range(rng.randint(0, 4)):
+            dets.append(_det(im["id"], rng.uniform(0, 600), rng.uniform(0, 480), rng.uniform(5, 40), rng.uniform(5, 40),
+                             rng.choice(cats), rng.uniform(0.0, 0.8)))
+    return gt, dets
+
+
+def _pycocotools_eval(gt, dets, iou_thrs=None, agnostic=False, max_dets=100):
+    """A plain pycocotools run; class-agnostic by rewriting every category id to one (not via useCats)."""
+    gt = json.loads(json.dumps(gt))
+    dets = json.loads(json.dumps(dets))
+    if agnostic:
+        for a in gt["annotations"]:
+            a["category_id"] = 1
+        for d in dets:
+            d["category_id"] = 1
+        gt["categories"] = [{"id": 1, "name": "object"}]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        ev = COCOeval(coco_gt, coco_gt.loadRes(dets), "bbox")
+        ev.params.maxDets = [1, 10, max_dets]
+        if iou_thrs is not None:
+            ev.params.iouThrs = iou_thrs
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev
+
+
+def _counts_at(gt, dets, threshold, iou):
+    """TP, FP, GT at a score threshold from pycocotools' own matching of the detections kept there."""
+    import numpy as np
+
+    kept = [d for d in dets if d["score"] >= threshold]
+    ev = _pycocotools_eval(gt, kept, iou_thrs=np.array([iou]))
+    tp = fp = n_gt = 0
+    for e in ev.evalImgs:
+        if e is None or e["aRng"] != [0, 1e10]:
+            continue
+        n_gt += int((np.asarray(e["gtIgnore"]) == 0).sum())
+        ign = np.asarray(e["dtIgnore"][0]).astype(bool)
+        hit = np.asarray(e["dtMatches"][0]) > 0
+        tp += int((hit & ~ign).sum())
+        fp += int((~hit & ~ign).sum())
+    return tp, fp, n_gt
+
+
+def test_hit_uav_metrics_equal_independent_pycocotools_runs(hit_uav):
+    import numpy as np
+
+    gt, dets = _hit_uav_case(hit_uav)
+    ours = evaluate_detections(gt, dets)
+
+    std = _pycocotools_eval(gt, dets).stats
+    for key, idx in zip(KEYS, [0, 1, 2, 3, 4, 5, 8]):
+        assert ours[key] == pytest.approx(None if std[idx] < 0 else std[idx] * 100, abs=1e-9), key
+    assert 5 < ours["bbox/mAP"] < 80
+
+    agn = _pycocotools_eval(gt, dets, agnostic=True).stats
+    assert ours["agnostic/mAP"] == pytest.approx(agn[0] * 100, abs=1e-9)
+    assert ours["agnostic/AP50"] == pytest.approx(agn[1] * 100, abs=1e-9)
+    assert ours["agnostic/AP_small"] == pytest.approx(agn[3] * 100, abs=1e-9)
+    assert ours["agnostic/mAP"] > ours["bbox/mAP"]  # wrong-class hits count once classes are merged
+
+    low = _pycocotools_eval(gt, dets, iou_thrs=np.array([0.05, 0.3]), agnostic=True)
+    p = low.eval["precision"]  # T x R x K x A x M
+    small = low.params.areaRngLbl.index("small")
+    assert ours["agnostic/AP_small@0.3"] == pytest.approx(p[1, :, :, small, 2][p[1, :, :, small, 2] > -1].mean() * 100, abs=1e-9)
+    assert ours["agnostic/AP@0.05"] == pytest.approx(p[0, :, :, 0, 2][p[0, :, :, 0, 2] > -1].mean() * 100, abs=1e-9)
+    aware = _pycocotools_eval(gt, dets, iou_thrs=np.array([0.05]))
+    assert ours["bbox/AP@0.05"] == pytest.approx(aware.stats[0] * 100, abs=1e-9)  # the mean over its one threshold
+    assert ours["agnostic/AP@0.05"] > ours["agnostic/AP50"]  # the loose boxes count at IoU 0.05
+
+    for iou, suffix in ((0.5, ""), (0.05, "@0.05")):
+        t = ours[f"F1{suffix}_threshold"]
+        tp, fp, n_gt = _counts_at(gt, dets, t, iou)
+        prec, rec = tp / (tp + fp), tp / n_gt
+        assert ours[f"precision{suffix}"] == pytest.approx(prec * 100, abs=1e-9)
+        assert ours[f"recall{suffix}"] == pytest.approx(rec * 100, abs=1e-9)
+        assert ours[f"F1{suffix}"] == pytest.approx(200 * prec * rec / (prec + rec), abs=1e-9)
+        # no other score threshold does better
+        scores = sorted({d["score"] for d in dets})
+        for q in (0.1, 0.3, 0.5, 0.7, 0.9):
+            other = scores[int(q * (len(scores) - 1))]
+            tp, fp, _ = _counts_at(gt, dets, other, iou)
+            f1 = 2 * tp / (2 * tp + fp + (n_gt - tp))
+            assert f1 * 100 <= ours[f"F1{suffix}"] + 1e-9, (iou, other)
+    assert ours["F1@0.05"] > ours["F1"]

@@ -142,11 +142,20 @@ def test_anchor_sizes_and_max_detections_reach_torchvision():
     assert model.transform.image_mean == [0.4] * 3
 
 
-def test_vit_is_a_clear_error():
-    with torch.device("meta"):  # the check needs the architecture only
-        vit = create_backbone("vit_tiny_patch16_224")
-    with pytest.raises(SSLRecipeError, match="ViT.*supported now: timm CNNs"):
-        build_faster_rcnn(vit, 1, 64, None, 3)
+def test_single_stride_non_vit_is_a_clear_error():
+    class Flat(torch.nn.Module):  # timm-like metadata, every feature at stride 16, not a VisionTransformer
+        feature_info = [{"reduction": 16, "module": "a", "num_chs": 8}, {"reduction": 16, "module": "b", "num_chs": 8}]
+
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(3, 8, 16, 16)
+            self.b = torch.nn.Conv2d(8, 8, 1)
+
+        def forward_intermediates(self, x, **kw):
+            return [self.a(x), self.b(self.a(x))]
+
+    with pytest.raises(SSLRecipeError, match="not a timm VisionTransformer.*supported: timm CNNs"):
+        build_faster_rcnn(Flat(), 1, 64, None, 3)
 
 
 def test_channel_mismatch_is_a_clear_error():
@@ -220,3 +229,27 @@ def test_predict_applies_the_score_threshold():
     cut = scores[len(scores) // 2]
     kept = predict(model, one, batch_size=1, device="cpu", score_threshold=cut)
     assert len(kept) == sum(s >= cut for s in scores) and all(r["score"] >= cut for r in kept)
+
+
+def test_suggest_img_size_grows_for_tiny_objects():
+    from sslrecipe.detect.faster_rcnn import suggest_img_size
+
+    def coco(box_side, n=20):
+        return {"images": [{"id": 1, "width": 640, "height": 512}],
+                "annotations": [{"id": i, "image_id": 1, "bbox": [0, 0, box_side, box_side], "category_id": 1} for i in range(n)]}
+
+    assert suggest_img_size(coco(20)) == 640  # objects already >= 8 px: native size
+    assert suggest_img_size(coco(5)) == 1024  # 5 px objects: 8/5 = 1.6x -> 1024
+    assert suggest_img_size(coco(2)) == 1280  # at most 2x
+    assert suggest_img_size({"images": [], "annotations": []}) == 512
+
+
+def test_sync_batchnorm_conversion_keeps_frozen_layers_frozen():
+    from sslrecipe.detect.faster_rcnn import to_sync_batchnorm
+
+    model = to_sync_batchnorm(_detector(3, trainable_stages=1))
+    enc = model.backbone.body.encoder
+    assert isinstance(enc.bn1, torch.nn.SyncBatchNorm) and isinstance(enc.layer4[0].bn1, torch.nn.SyncBatchNorm)
+    model.train()
+    assert not enc.layer3[0].bn1.training and not enc.layer3[0].bn1.weight.requires_grad
+    assert enc.layer4[0].bn1.training and enc.layer4[0].bn1.weight.requires_grad

@@ -86,10 +86,12 @@ def test_write_report(tmp_path):
     assert md.startswith("# quickstart: resnet18 from scratch")
     assert "| mAP | AP50 | AP75 | AP_S | AP_M | AP_L | AR100 |" in md
     assert "| 53.2 | 88.0 | 41.2 | 12.5 | n/a[^na] | n/a[^na] | 61.0 |" in md
-    assert "[^na]: n/a: no ground-truth object in that size bucket" in md
+    assert "[^na]: n/a: undefined — no ground-truth object in that size bucket" in md
     assert "(loss_curve.png)" in md and "(detections.png)" in md
+    assert "(pr_curves.png)" in md and "(ap_by_size.png)" in md
 
-    for name, min_side in (("loss_curve.png", 300), ("detections.png", 500)):
+    for name, min_side in (("loss_curve.png", 300), ("detections.png", 500), ("pr_curves.png", 300),
+                           ("ap_by_size.png", 300)):
         f = run / name
         assert f.stat().st_size > 10_000, name
         with Image.open(f) as im:
@@ -106,6 +108,56 @@ def test_write_report(tmp_path):
     green = (rgb[..., 1] > 180) & (rgb[..., 0] < 80) & (rgb[..., 2] < 150)
     red = (rgb[..., 0] > 200) & (rgb[..., 1] < 110) & (rgb[..., 2] < 60)
     assert green.sum() > 50 and red.sum() > 50
+
+
+def test_small_objects_are_enlarged_in_an_inset(tmp_path):
+    from sslrecipe.report.report import plot_detections
+
+    arr = (np.random.default_rng(1).random((320, 400)) * 80).astype(np.uint8)
+    arr[200:206, 300:307] = 250  # a 7x6 px object
+    Image.fromarray(arr).save(tmp_path / "big.png")
+    gt = {"images": [{"id": 1, "file_name": "big.png", "width": 400, "height": 320}],
+          "categories": [{"id": 1, "name": "person"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [300, 200, 7, 6], "area": 42, "iscrowd": 0}]}
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [299, 200, 8, 6], "score": 0.9}]
+
+    def colours(inset):
+        out = tmp_path / f"d{inset}.png"
+        plot_detections(gt, dets, tmp_path, out, n_images=1, inset=inset)
+        with Image.open(out) as im:
+            rgb = np.asarray(im.convert("RGB")).astype(int)
+        yellow = (rgb[..., 0] > 220) & (rgb[..., 1] > 200) & (rgb[..., 2] < 90)
+        green = (rgb[..., 1] > 180) & (rgb[..., 0] < 80) & (rgb[..., 2] < 150)
+        return int(yellow.sum()), int(green.sum())
+
+    y_with, g_with = colours(True)
+    y_without, g_without = colours(False)
+    assert y_without == 0 and y_with > 200  # the inset frame
+    assert g_with > g_without + 50  # the enlarged ground-truth box inside the inset
+
+
+def test_report_shows_survey_metrics_per_class_and_tiling(tmp_path):
+    from sslrecipe.evaluate.coco_eval import evaluate_full
+
+    images = tmp_path / "images"
+    images.mkdir()
+    _images(images)
+    result = evaluate_full(GT, DETS)
+    metrics = dict(result.metrics)
+    tiled = evaluate_full(GT, DETS[:1], per_class=False).metrics
+    metrics.update({"tiled/" + k: v for k, v in tiled.items()})
+    path = write_report(tmp_path / "run", metrics, tmp_path / "none.jsonl", GT, DETS, images, n_images=0,
+                        curves=result.curves)
+    md = path.read_text()
+    assert "| AP (no cls) | AP50 (no cls) | AP_S (no cls) | AP_S@0.3 (no cls) | AP@0.05 (no cls) | AP@0.05 | F1 | F1@0.05 |" in md
+    f1_row = f"| IoU 0.5 | {metrics['F1']:.1f} | {metrics['F1_threshold']:.3f} | {metrics['precision']:.1f} | {metrics['recall']:.1f} |"
+    assert f1_row in md
+    assert "| car | 80.0 | 100.0 | 80.0 |" in md and "| person | 70.0 | 100.0 | 70.0 |" in md  # per-class table
+    assert "| whole image | " in md and "| tiles + whole image | " in md
+    assert "`tiled/" not in md and "`per_class/" not in md  # shown in their tables, not in the catch-all list
+    for name in ("pr_curves.png", "ap_by_size.png"):
+        with Image.open(tmp_path / "run" / name) as im:
+            assert np.asarray(im.convert("RGB")).std() > 10
 
 
 def test_report_without_progress_or_images(tmp_path):

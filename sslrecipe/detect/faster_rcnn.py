@@ -1,9 +1,10 @@
-"""torchvision Faster R-CNN with an FPN on any timm CNN encoder.
+"""torchvision Faster R-CNN / Mask R-CNN on any timm encoder: CNNs through an FPN, ViTs through a
+ViTDet-style simple feature pyramid (:mod:`sslrecipe.detect.vit_pyramid`).
 
-The encoder instance itself is the detector's body (``detector.backbone.body.encoder``): its feature
-levels at strides 4, 8, 16 and 32 come from timm's ``forward_intermediates`` on that same module, so the
-weights loaded from ``encoder.safetensors`` are exactly the ones that fine-tune, under the same key names
-(prefixed ``backbone.body.encoder.``).
+The encoder instance itself is the detector's body (``detector.backbone.body.encoder``): a CNN's feature
+levels at strides 4, 8, 16 and 32 come from timm's ``forward_intermediates`` on that same module, a ViT's
+stride-16 map from its blocks, so the weights loaded from ``encoder.safetensors`` are exactly the ones
+that fine-tune, under the same key names (prefixed ``backbone.body.encoder.``).
 
 Defaults follow the SSL-transfer protocol: every backbone stage trainable and BatchNorm trainable (not
 torchvision's FrozenBatchNorm2d), small anchors, and an input transform that resizes the longer image
@@ -20,8 +21,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
-from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
@@ -40,9 +42,10 @@ _FASTER_RCNN_KWARGS = set(inspect.signature(FasterRCNN.__init__).parameters) - {
     "box_score_thresh", "kwargs",
 } | {"size_divisible", "fixed_size", "_skip_resize"}
 SUPPORTED_HINT = (
-    "supported now: timm CNNs with feature levels at strides 4-32 (e.g. resnet18, resnet50, resnet200, "
-    "convnext_tiny, efficientnet_b0, regnety_016)"
+    "supported: timm CNNs with feature levels at strides 4-32 (e.g. resnet18, resnet50, resnet200, "
+    "convnext_tiny, efficientnet_b0, regnety_016) and plain timm ViTs (vit_small_patch16_224, ...)"
 )
+DETECTORS = ("faster_rcnn", "mask_rcnn")
 
 
 def _model_name(encoder: nn.Module) -> str:
@@ -59,10 +62,10 @@ def _select_levels(encoder: nn.Module) -> list[int]:
             f"backbone {name!r} exposes no timm feature levels (feature_info / forward_intermediates); {SUPPORTED_HINT}"
         )
     reductions = [int(f["reduction"]) for f in info]
-    if len(set(reductions)) == 1:  # plain transformer: every block at the patch stride
+    if len(set(reductions)) == 1:  # a single-stride transformer that is not a timm VisionTransformer
         raise SSLRecipeError(
-            f"backbone {name!r} is a ViT-style encoder (all features at stride {reductions[0]}); Faster R-CNN on ViTs "
-            f"needs a ViTDet simple feature pyramid, which arrives with the detection issue. {SUPPORTED_HINT}"
+            f"backbone {name!r} has all its features at stride {reductions[0]} but is not a timm VisionTransformer, "
+            f"so neither the FPN nor the simple feature pyramid applies. {SUPPORTED_HINT}"
         )
     chosen = []
     for stride in FPN_STRIDES:
@@ -261,7 +264,30 @@ def _fit_anchor_sizes(sizes: Sequence[int], n: int) -> tuple[int, ...]:
     return tuple(result)
 
 
-def build_faster_rcnn(
+def encoder_family(encoder: nn.Module) -> str:
+    """``"vit"`` for a plain timm VisionTransformer (simple feature pyramid), else ``"cnn"`` (FPN)."""
+    from sslrecipe.detect.vit_pyramid import is_plain_vit
+
+    return "vit" if is_plain_vit(encoder) else "cnn"
+
+
+def build_detector_backbone(encoder: nn.Module, fpn_channels: int = 256, norm: str = "bn",
+                            trainable_stages: Optional[int] = None) -> nn.Module:
+    """FPN over a CNN's levels, or the simple feature pyramid over a ViT; freezing applied."""
+    if encoder_family(encoder) == "vit":
+        from sslrecipe.detect.vit_pyramid import ViTPyramidBackbone, configure_vit_trainable
+
+        if norm not in ("bn", "frozen_bn"):
+            raise SSLRecipeError(f"finetune.norm must be 'bn' or 'frozen_bn', got {norm!r}")
+        backbone = ViTPyramidBackbone(encoder, out_channels=fpn_channels)
+        configure_vit_trainable(backbone, trainable_stages)  # LayerNorm only: `norm` has nothing to freeze
+        return backbone
+    backbone = TimmFPNBackbone(encoder, out_channels=fpn_channels)
+    configure_trainable(backbone, norm=norm, trainable_stages=trainable_stages)
+    return backbone
+
+
+def build_detector(
     encoder: nn.Module,
     num_classes: int,
     img_size: int,
@@ -273,28 +299,36 @@ def build_faster_rcnn(
     image_mean: Optional[Sequence[float]] = None,
     image_std: Optional[Sequence[float]] = None,
     *,
+    detector: str = "faster_rcnn",
     fpn_channels: int = 256,
     representation_size: int = 1024,
     box_score_thresh: float = 0.001,
-    **faster_rcnn_kwargs: Any,
+    mask_channels: Optional[int] = None,
+    **rcnn_kwargs: Any,
 ) -> FasterRCNN:
-    """A torchvision ``FasterRCNN`` whose backbone is ``encoder`` (a timm CNN) + FPN.
+    """A torchvision ``FasterRCNN`` (``detector="faster_rcnn"``) or ``MaskRCNN`` (``"mask_rcnn"``) whose
+    backbone is ``encoder`` (a timm CNN + FPN, or a plain timm ViT + simple feature pyramid).
 
     - ``num_classes``: object classes; the background class is added here (labels are 1..num_classes).
     - ``img_size``: the longer image side after resizing (``min_size = max_size = img_size``); boxes come
       back in the original image's pixels.
-    - ``anchor_sizes``: one size in resized pixels per FPN level (body levels + the max-pool level, 5 for a
-      ResNet); None = ``DEFAULT_ANCHOR_SIZES``. A different count is interpolated geometrically (with a
-      warning). Aspect ratios are (0.5, 1, 2).
+    - ``anchor_sizes``: one size in resized pixels per pyramid level (body levels + the max-pool level, 5 for
+      a ResNet or a ViT); None = ``DEFAULT_ANCHOR_SIZES``. A different count is interpolated geometrically
+      (with a warning). Aspect ratios are (0.5, 1, 2).
     - ``image_mean`` / ``image_std``: per-channel normalisation of the [0, 1] input; default 0.5 / 0.25 for
       each of ``in_chans`` channels.
-    - ``norm`` / ``trainable_stages``: see :func:`configure_trainable`.
-    - ``fpn_channels`` (FPN width) and ``representation_size`` (box head MLP width) trade accuracy for
-      speed on a CPU; ``box_score_thresh`` is kept low so that evaluation chooses its own threshold.
-      Extra keyword arguments go to ``FasterRCNN`` (e.g. ``box_batch_size_per_image``,
+    - ``norm`` / ``trainable_stages``: see :func:`configure_trainable` (CNNs) and
+      :func:`sslrecipe.detect.vit_pyramid.configure_vit_trainable` (ViTs: stages are blocks).
+    - ``fpn_channels`` (pyramid width) and ``representation_size`` (box head MLP width) trade accuracy for
+      speed on a CPU; ``mask_channels`` is the mask head's width (default ``fpn_channels``);
+      ``box_score_thresh`` is kept low so that evaluation chooses its own threshold.
+      Extra keyword arguments go to torchvision's ``FasterRCNN`` (e.g. ``box_batch_size_per_image``,
       ``rpn_post_nms_top_n_train``); unknown ones are an error (torchvision would silently drop them).
     """
-    unknown = set(faster_rcnn_kwargs) - _FASTER_RCNN_KWARGS
+    if detector not in DETECTORS:
+        raise SSLRecipeError(f"unknown detector {detector!r}; torchvision detectors here: {', '.join(DETECTORS)} "
+                             "(yolo is sslrecipe.detect.yolo)")
+    unknown = set(rcnn_kwargs) - _FASTER_RCNN_KWARGS
     if unknown:
         raise SSLRecipeError(f"unknown Faster R-CNN option(s) {sorted(unknown)}; known: {sorted(_FASTER_RCNN_KWARGS)}")
     if num_classes < 1:
@@ -309,18 +343,15 @@ def build_faster_rcnn(
     if len(mean) != in_chans or len(std) != in_chans:
         raise SSLRecipeError(f"image_mean/image_std need {in_chans} value(s) each, got {mean} / {std}")
 
-    backbone = TimmFPNBackbone(encoder, out_channels=fpn_channels)
-    configure_trainable(backbone, norm=norm, trainable_stages=trainable_stages)
+    backbone = build_detector_backbone(encoder, fpn_channels, norm, trainable_stages)
     n_levels = backbone.num_levels
     sizes = _fit_anchor_sizes(anchor_sizes or DEFAULT_ANCHOR_SIZES[:n_levels], n_levels)
     anchors = AnchorGenerator(sizes=tuple((s,) for s in sizes), aspect_ratios=(ASPECT_RATIOS,) * n_levels)
-    roi_pool = MultiScaleRoIAlign(
-        featmap_names=[str(i) for i in range(n_levels - 1)], output_size=7, sampling_ratio=2
-    )
+    featmaps = [str(i) for i in range(n_levels - 1)]
+    roi_pool = MultiScaleRoIAlign(featmap_names=featmaps, output_size=7, sampling_ratio=2)
     box_head = TwoMLPHead(fpn_channels * 7 * 7, representation_size)
     box_predictor = FastRCNNPredictor(representation_size, num_classes + 1)
-    model = FasterRCNN(
-        backbone,
+    common = dict(
         num_classes=None,  # given by box_predictor (num_classes + background)
         min_size=img_size,
         max_size=img_size,
@@ -332,10 +363,32 @@ def build_faster_rcnn(
         box_predictor=box_predictor,
         box_detections_per_img=max_detections,
         box_score_thresh=box_score_thresh,
-        **faster_rcnn_kwargs,
     )
+    if detector == "mask_rcnn":
+        width = int(mask_channels or fpn_channels)
+        model = MaskRCNN(
+            backbone,
+            mask_roi_pool=MultiScaleRoIAlign(featmap_names=featmaps, output_size=14, sampling_ratio=2),
+            mask_head=MaskRCNNHeads(fpn_channels, (width,) * 4, 1),
+            mask_predictor=MaskRCNNPredictor(width, width, num_classes + 1),
+            **common,
+            **rcnn_kwargs,
+        )
+    else:
+        model = FasterRCNN(backbone, **common, **rcnn_kwargs)
     model.anchor_sizes = sizes  # for logs and the report
     return model
+
+
+def build_faster_rcnn(*args: Any, **kwargs: Any) -> FasterRCNN:
+    """:func:`build_detector` with ``detector="faster_rcnn"`` (same arguments)."""
+    return build_detector(*args, detector="faster_rcnn", **kwargs)
+
+
+def build_mask_rcnn(*args: Any, **kwargs: Any) -> MaskRCNN:
+    """:func:`build_detector` with ``detector="mask_rcnn"``: boxes plus instance masks (the data needs
+    ``segmentation`` on its annotations; see :func:`sslrecipe.detect.masks.require_masks`)."""
+    return build_detector(*args, detector="mask_rcnn", **kwargs)
 
 
 def _boxes_and_scales(coco: Mapping[str, Any], img_size: int) -> list[float]:
@@ -377,3 +430,45 @@ def suggest_anchor_sizes(coco: Mapping[str, Any], img_size: int, n_levels: int =
             s = result[-1] + 1
         result.append(s)
     return tuple(result)
+
+
+def suggest_img_size(coco: Mapping[str, Any], min_object_px: float = 8.0, multiple: int = 32,
+                     max_size: int = 1333) -> int:
+    """Detector input size (the longer image side after resizing) from the training boxes.
+
+    Starts at the images' median longer side and grows it (up to 2x, capped at ``max_size``) until the
+    10th percentile of sqrt(box area) reaches ``min_object_px`` resized pixels — the stride-4 level then
+    still sees the small objects as about 2x2 cells. Rounded up to a multiple of ``multiple``; 512 without
+    images.
+    """
+    import numpy as np
+
+    longer = [max(float(im.get("width") or 0), float(im.get("height") or 0)) for im in coco.get("images", [])]
+    longer = [v for v in longer if v > 0]
+    if not longer:
+        return 512
+    native = float(np.median(longer))
+    sizes = _boxes_and_scales(coco, int(round(native)))  # sqrt(area) at the native size
+    size = native
+    if sizes:
+        p10 = float(np.quantile(np.asarray(sizes), 0.1))
+        if 0 < p10 < min_object_px:
+            size = native * min(2.0, min_object_px / p10)
+    size = min(size, float(max_size))
+    return int(math.ceil(size / multiple) * multiple)
+
+
+def to_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """The detector with every BatchNorm as ``SyncBatchNorm`` (for DDP: the SSL-transfer protocol's SyncBN),
+    keeping frozen BatchNorm layers frozen (eval mode, no gradients). Call before wrapping in DDP."""
+    backbone = getattr(model, "backbone", None)
+    frozen_ids = {id(m) for m in getattr(backbone, "_frozen_bn", [])}
+    frozen_names = {name for name, m in model.named_modules() if id(m) in frozen_ids}
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if backbone is not None:
+        model.backbone._frozen_bn = [m for name, m in model.named_modules() if name in frozen_names]
+        for m in model.backbone._frozen_bn:
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(False)
+        model.backbone.train(model.backbone.training)
+    return model

@@ -1,4 +1,4 @@
-"""Run a torchvision detector over a dataset and return COCO-format results."""
+"""Run a torchvision detector over a dataset and return COCO-format results (boxes, and masks as RLE)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,35 @@ def _image_id(target: Mapping[str, Any]) -> int:
     return int(value)
 
 
+def to_coco_results(
+    image_id: int,
+    output: Mapping[str, torch.Tensor],
+    score_threshold: float = 0.0,
+    label_to_category: Optional[Mapping[int, int]] = None,
+    mask_threshold: float = 0.5,
+) -> list[dict[str, Any]]:
+    """One image's detector output (xyxy ``boxes``, ``scores``, ``labels``[, ``masks``]) as COCO results."""
+    keep = output["scores"] >= score_threshold
+    boxes = output["boxes"][keep].float().cpu()
+    scores = output["scores"][keep].float().cpu().tolist()
+    labels = output["labels"][keep].cpu().tolist()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    rles = None
+    if "masks" in output:
+        from sslrecipe.detect.masks import masks_to_rle
+
+        rles = masks_to_rle(output["masks"][keep], mask_threshold)
+    results = []
+    for i, (box, score, label) in enumerate(zip(xywh, scores, labels)):
+        category = int(label_to_category[int(label)]) if label_to_category is not None else int(label)
+        r = {"image_id": int(image_id), "category_id": category, "bbox": [round(float(v), 3) for v in box],
+             "score": float(score)}
+        if rles is not None:
+            r["segmentation"] = rles[i]
+        results.append(r)
+    return results
+
+
 def predict(
     model: nn.Module,
     dataset: Dataset,
@@ -31,12 +60,13 @@ def predict(
     label_to_category: Optional[Mapping[int, int]] = None,
     num_workers: int = 0,
 ) -> list[dict[str, Any]]:
-    """COCO results ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]`` for every image.
+    """COCO results ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"[, "segmentation"]}]``.
 
     ``dataset`` yields ``(image FloatTensor[C,H,W] in [0,1], {"image_id": int, ...})``. Boxes are in the
-    original image's pixels (the detector's transform maps them back). ``label_to_category`` maps the
-    model's contiguous labels (1..K) to the dataset's original category ids; None keeps the labels.
-    Detections scoring below ``score_threshold`` are dropped. The model is left in the mode it came in.
+    original image's pixels (the detector's transform maps them back); a Mask R-CNN's masks become
+    compressed RLE at probability 0.5. ``label_to_category`` maps the model's contiguous labels (1..K) to the
+    dataset's original category ids; None keeps the labels. Detections scoring below ``score_threshold`` are
+    dropped. The model is left in the mode it came in.
     """
     device = torch.device(device)
     was_training = model.training
@@ -51,22 +81,7 @@ def predict(
             for images, targets in loader:
                 outputs = model([img.to(device, non_blocking=True) for img in images])
                 for target, out in zip(targets, outputs):
-                    image_id = _image_id(target)
-                    keep = out["scores"] >= score_threshold
-                    boxes = out["boxes"][keep].float().cpu()
-                    scores = out["scores"][keep].float().cpu().tolist()
-                    labels = out["labels"][keep].cpu().tolist()
-                    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-                    for box, score, label in zip(xywh, scores, labels):
-                        category = int(label_to_category[int(label)]) if label_to_category is not None else int(label)
-                        results.append(
-                            {
-                                "image_id": image_id,
-                                "category_id": category,
-                                "bbox": [round(float(v), 3) for v in box],
-                                "score": float(score),
-                            }
-                        )
+                    results.extend(to_coco_results(_image_id(target), out, score_threshold, label_to_category))
     finally:
         model.train(was_training)
     return results

@@ -347,61 +347,100 @@ def run_weights(ctx: StageContext) -> dict:
 # --------------------------------------------------------------------------- finetune / evaluate / report
 
 
-def _datasets(ctx: StageContext, split: str, train: bool):
+def _datasets(ctx: StageContext, split: str, train: bool, masks: bool = False):
     from sslrecipe.data.coco import DetectionDataset, load_coco
 
     manifest = read_manifest(ctx.upstream["data"])
     entry = manifest["splits"][split]
     coco = load_coco(ctx.upstream["data"] / entry["annotations"])
-    ds = DetectionDataset(coco, Path(entry["image_root"]), ctx.recipe.backbone.in_chans, train=train,
-                          hflip=ctx.recipe.finetune.hflip, seed=ctx.recipe.seed, normalize=manifest.get("normalization"))
+    cls = DetectionDataset
+    if masks:
+        from sslrecipe.detect.masks import MaskDetectionDataset as cls  # checks that the data has masks
+    ds = cls(coco, Path(entry["image_root"]), ctx.recipe.backbone.in_chans, train=train,
+             hflip=ctx.recipe.finetune.hflip, seed=ctx.recipe.seed, normalize=manifest.get("normalization"))
     return coco, ds, Path(entry["image_root"])
 
 
 def build_detector_from(spec: dict, encoder_dir: Optional[Path] = None):
     """Rebuild the fine-tuned detector described by `detector.json` (its weights are loaded by the caller)."""
-    from sslrecipe.detect.faster_rcnn import build_faster_rcnn
+    from sslrecipe.detect.faster_rcnn import build_detector
     from sslrecipe.models.backbone import create_backbone, load_encoder
 
     if encoder_dir is not None:
         encoder, _meta = load_encoder(encoder_dir)
     else:
         encoder = create_backbone(spec["timm_name"], **spec["timm_kwargs"])
-    return build_faster_rcnn(
+    return build_detector(
         encoder, num_classes=spec["num_classes"], img_size=spec["img_size"], anchor_sizes=tuple(spec["anchor_sizes"]),
         in_chans=spec["in_chans"], norm=spec["norm"], trainable_stages=spec["trainable_stages"],
         max_detections=spec["max_detections"], fpn_channels=spec["fpn_channels"],
-        box_batch_size_per_image=spec["rois_per_image"],
+        box_batch_size_per_image=spec["rois_per_image"], detector=spec.get("detector", "faster_rcnn"),
+        mask_channels=spec.get("mask_channels"),
     )
+
+
+def _run_finetune_yolo(ctx: StageContext) -> dict:
+    from sslrecipe.data.coco import load_coco
+    from sslrecipe.detect.yolo import finetune_yolo
+
+    recipe, f = ctx.recipe, ctx.recipe.finetune
+    manifest = read_manifest(ctx.upstream["data"])
+    sets = {}
+    for split in ("train", "val"):
+        if split in manifest["splits"]:
+            entry = manifest["splits"][split]
+            sets[split] = (load_coco(ctx.upstream["data"] / entry["annotations"]), Path(entry["image_root"]))
+    device, _precision = _device_precision(recipe)
+    epochs = f.epochs or 1
+    spec = finetune_yolo(ctx.stage_dir, sets["train"], sets.get("val"), ctx.upstream["weights"], epochs=epochs,
+                         img_size=f.img_size, batch_size=f.batch_size, lr=f.peak_lr(f.batch_size), seed=recipe.seed,
+                         device="cpu" if device.type == "cpu" else str(device.index or 0), workers=recipe.runtime.workers,
+                         width=f.yolo_width)
+    ctx.metric("finetune/yolo_backbone_tensors_verified", spec["backbone_verified"])
+    return {"detector": "yolo", "epochs": epochs, "backbone_verified": spec["backbone_verified"]}
 
 
 def run_finetune(ctx: StageContext) -> dict:
     from safetensors.torch import save_file
 
     from sslrecipe.data.coco import collate_detection
-    from sslrecipe.detect.faster_rcnn import suggest_anchor_sizes
-    from sslrecipe.engine.schedules import param_groups_with_decay
+    from sslrecipe.detect.faster_rcnn import encoder_family, suggest_anchor_sizes
+    from sslrecipe.detect.schedules import detector_param_groups, survey_schedule
 
     recipe, f = ctx.recipe, ctx.recipe.finetune
-    if f.detector != "faster_rcnn":
-        raise SSLRecipeError(f"finetune.detector '{f.detector}' is not available in this version yet; use faster_rcnn")
-    coco, dataset, _root = _datasets(ctx, "train", train=True)
+    if f.detector == "yolo":
+        return _run_finetune_yolo(ctx)
+    coco, dataset, _root = _datasets(ctx, "train", train=True, masks=f.detector == "mask_rcnn")
     meta = json.loads((ctx.upstream["weights"] / "encoder.json").read_text())
+    if f.train_tile_size:
+        from sslrecipe.detect.tiling import TiledTrainingCrops
+
+        sizes = [(int(im["width"]), int(im["height"])) for im in coco["images"]]
+        label_to_category = dataset.label_to_category
+        dataset = TiledTrainingCrops(dataset, sizes, f.train_tile_size, overlap=recipe.evaluate.tiling.overlap)
+        dataset.label_to_category = label_to_category
+        # anchors from the boxes as the detector sees them in a tile (resized tile_size -> img_size)
+        coco = {**coco, "images": [{**im, "width": min(im["width"], f.train_tile_size),
+                                    "height": min(im["height"], f.train_tile_size)} for im in coco["images"]]}
     anchors = tuple(f.anchor_sizes) if f.anchor_sizes else tuple(suggest_anchor_sizes(coco, f.img_size))
     spec = {
         "timm_name": meta["timm_name"], "timm_kwargs": meta["timm_kwargs"], "num_classes": len(dataset.label_to_category),
         "label_to_category": {str(k): v for k, v in dataset.label_to_category.items()}, "img_size": f.img_size,
         "anchor_sizes": list(anchors), "in_chans": recipe.backbone.in_chans, "norm": f.norm,
         "trainable_stages": f.trainable_stages, "max_detections": f.max_detections, "fpn_channels": f.fpn_channels,
-        "rois_per_image": f.rois_per_image,
+        "rois_per_image": f.rois_per_image, "detector": f.detector, "mask_channels": f.mask_channels,
     }
     torch.manual_seed(recipe.seed)
     model = build_detector_from(spec, ctx.upstream["weights"])
+    family = encoder_family(model.backbone.body.encoder)
+    layer_decay = f.layer_decay if f.layer_decay is not None else survey_schedule(family)["layer_decay"]
+    optim = f.model_copy(update={"schedule": survey_schedule(family)["schedule"]}) if f.schedule == "auto" else f
+    spec["layer_decay"], spec["schedule"] = layer_decay, optim.schedule
     _load_pretrained_fpn(ctx, model, f.fpn_channels)
     device, precision = _device_precision(recipe)
     total = _total_steps(f.steps, f.epochs, len(dataset), f.batch_size, f.accumulate, drop_last=False)
     settings = LoopSettings(
-        stage="finetune", stage_dir=ctx.stage_dir, stage_hash=ctx.stage_hash, optim=f, batch_size=f.batch_size,
+        stage="finetune", stage_dir=ctx.stage_dir, stage_hash=ctx.stage_hash, optim=optim, batch_size=f.batch_size,
         total_steps=total, seed=recipe.seed, device=device, precision=precision, workers=recipe.runtime.workers,
         checkpoint_every=recipe.runtime.checkpoint_every, collate_fn=collate_detection,
     )
@@ -411,7 +450,8 @@ def run_finetune(ctx: StageContext) -> dict:
         losses = model(list(images), list(targets))
         return {"loss": sum(losses.values()), **losses}
 
-    result = TrainLoop(settings, model, param_groups_with_decay(model, f.weight_decay), dataset, loss_fn, ctx.events).run()
+    groups = detector_param_groups(model, f.weight_decay, layer_decay)
+    result = TrainLoop(settings, model, groups, dataset, loss_fn, ctx.events).run()
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(ctx.stage_dir / "detector.safetensors"))
     atomic_write_text(ctx.stage_dir / "detector.json", json.dumps(spec, indent=1))
     return {"steps": result.steps, "final_loss": result.last_loss, "anchor_sizes": list(anchors)}
@@ -446,21 +486,35 @@ def load_finetuned(finetune_dir: Path):
 
 
 def run_evaluate(ctx: StageContext) -> dict:
-    from sslrecipe.detect.predict import predict
-    from sslrecipe.evaluate.coco_eval import evaluate_detections
+    from sslrecipe.evaluate.model_eval import ModelEvaluation, evaluate_model, write_evaluation
 
     recipe, e = ctx.recipe, ctx.recipe.evaluate
-    model, spec = load_finetuned(ctx.upstream["finetune"])
-    coco, dataset, _root = _datasets(ctx, e.split, train=False)
     device, _precision = _device_precision(recipe)
-    label_to_category = {int(k): v for k, v in spec["label_to_category"].items()}
-    detections = predict(model.to(device), dataset, e.batch_size, device, e.score_threshold, label_to_category)
-    atomic_write_text(ctx.stage_dir / "detections.json", json.dumps(detections))
-    metrics = evaluate_detections(coco, detections, max_dets=e.max_dets)
-    for name, value in metrics.items():
+    if (ctx.upstream["finetune"] / "yolo.json").is_file():
+        from sslrecipe.data.coco import load_coco
+        from sslrecipe.detect.yolo import load_finetuned_yolo, predict_yolo
+        from sslrecipe.evaluate.coco_eval import evaluate_full
+
+        model, spec = load_finetuned_yolo(ctx.upstream["finetune"])
+        entry = read_manifest(ctx.upstream["data"])["splits"][e.split]
+        coco = load_coco(ctx.upstream["data"] / entry["annotations"])
+        detections = predict_yolo(model, coco, Path(entry["image_root"]), spec["img_size"],
+                                  {int(k): v for k, v in spec["label_to_category"].items()}, e.score_threshold,
+                                  max_det=recipe.finetune.max_detections,
+                                  device="cpu" if device.type == "cpu" else str(device.index or 0))
+        full = evaluate_full(coco, detections, e.max_dets)
+        result = ModelEvaluation(full.metrics, detections, full.curves)
+    else:
+        model, spec = load_finetuned(ctx.upstream["finetune"])
+        coco, dataset, _root = _datasets(ctx, e.split, train=False)
+        label_to_category = {int(k): v for k, v in spec["label_to_category"].items()}
+        result = evaluate_model(model.to(device), dataset, coco, device=device, batch_size=e.batch_size,
+                                score_threshold=e.score_threshold, label_to_category=label_to_category,
+                                max_dets=e.max_dets, tiling=_dump(e.tiling))
+    write_evaluation(ctx.stage_dir, result)
+    for name, value in result.metrics.items():
         ctx.metric(name, value)
-    atomic_write_text(ctx.stage_dir / "metrics.json", json.dumps(metrics, indent=1))
-    return {"split": e.split, "images": len(coco["images"]), "detections": len(detections)}
+    return {"split": e.split, "images": len(coco["images"]), "detections": len(result.detections)}
 
 
 def run_report(ctx: StageContext) -> dict:
@@ -474,8 +528,11 @@ def run_report(ctx: StageContext) -> dict:
     gt = load_coco(ctx.upstream["data"] / entry["annotations"])
     metrics = json.loads((ctx.upstream["evaluate"] / "metrics.json").read_text())
     detections = json.loads((ctx.upstream["evaluate"] / "detections.json").read_text())
+    curves_path = ctx.upstream["evaluate"] / "curves.json"
+    curves = json.loads(curves_path.read_text()) if curves_path.is_file() else None
     write_report(ctx.stage_dir, metrics, ctx.run_dir / "events.jsonl", gt, detections, Path(entry["image_root"]),
-                 n_images=recipe.report.images, score_threshold=recipe.report.score_threshold, title=recipe.name)
+                 n_images=recipe.report.images, score_threshold=recipe.report.score_threshold, title=recipe.name,
+                 curves=curves)
     atomic_write_text(ctx.stage_dir / "metrics.json", json.dumps(metrics, indent=1))
     return {"report": "report.md"}
 

@@ -221,8 +221,21 @@ class FinetuneConfig(OptimConfig):
     img_size: int = Field(
         512, ge=32, description="Longest image side fed to the detector (images are resized so this side matches; small objects grow with it)."
     )
-    schedule: Literal["cosine", "step", "constant"] = Field("step", description="The survey's ResNet schedule: step x0.2 at 3/4 and 11/12.")
+    schedule: Literal["auto", "cosine", "step", "constant"] = Field(
+        "auto", description="auto = the survey's: CNNs step x0.2 at 3/4 and 11/12 of training, ViTs cosine."
+    )
     blr: float = Field(1e-4 * 256 / 16, gt=0, description="Base learning rate per 256 images (AdamW 1e-4 at batch 16).")
+    layer_decay: Optional[float] = Field(
+        None, gt=0, le=1,
+        description="Layer-wise lr decay: encoder layer i of L trains at lr x layer_decay^(L+1-i) (heads and pyramid "
+        "at lr). null = 0.7 for ViTs (ViTDet), none for CNNs; 1 = off.",
+    )
+    mask_channels: Optional[int] = Field(None, ge=8, description="mask_rcnn: mask head width; null = fpn_channels.")
+    train_tile_size: Optional[int] = Field(
+        None, ge=32, description="Train on overlapping crops of this many pixels instead of whole images (small objects "
+        "in large images); null = whole images."
+    )
+    yolo_width: int = Field(64, ge=8, description="yolo: base channel width of the neck on the ResNet backbone.")
     weight_decay: float = Field(0.1, ge=0, description="Weight decay.")
     anchor_sizes: Optional[tuple[int, ...]] = Field(
         None, description="One anchor size per FPN level in pixels; null = chosen from the training boxes' sizes."
@@ -237,6 +250,17 @@ class FinetuneConfig(OptimConfig):
     rois_per_image: int = Field(512, ge=8, description="RoIs sampled per image for the box head in training (torchvision's 512).")
 
 
+class TilingConfig(Section):
+    """Sliced inference for small objects in large images: tiles with overlap plus a full-image pass, merged by NMS."""
+
+    enabled: bool = Field(False, description="Also evaluate with sliced inference; every metric appears again under tiled/.")
+    tile_size: int = Field(320, ge=32, description="Tile side in pixels (each tile is resized to finetune.img_size).")
+    overlap: float = Field(0.2, ge=0, lt=1, description="Overlap of neighbouring tiles, as a fraction of the tile.")
+    full_image: bool = Field(True, description="Add the whole-image pass (keeps large objects that tiles cut).")
+    iou_threshold: float = Field(0.5, gt=0, le=1, description="NMS IoU for merging tile and full-image detections.")
+    class_agnostic: bool = Field(False, description="Merge across classes (default: per class).")
+
+
 class EvaluateConfig(Section):
     """Evaluation of the fine-tuned detector."""
 
@@ -244,6 +268,7 @@ class EvaluateConfig(Section):
     max_dets: int = Field(100, ge=1, description="COCO maxDets used for AP (100 is COCO's; raise it for dense scenes).")
     batch_size: int = Field(8, ge=1, description="Images per inference batch.")
     score_threshold: float = Field(0.05, ge=0, le=1, description="Detections below this score are dropped before evaluation.")
+    tiling: TilingConfig = Field(default_factory=TilingConfig, description="Sliced inference, reported beside the whole-image pass.")
 
 
 class ReportConfig(Section):

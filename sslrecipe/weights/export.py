@@ -232,10 +232,12 @@ def _yolo_yaml(tv_name: str, chans: tuple[int, int, int], nc: int) -> dict[str, 
 
 
 def _export_ultralytics(model, meta, out: Path, nc: int, say: Warn) -> Path:
+    from sslrecipe.detect.yolo import require_ultralytics
+
     try:
-        import ultralytics
+        ultralytics = require_ultralytics()
         from ultralytics.nn.tasks import DetectionModel
-    except ImportError:
+    except SSLRecipeError:
         raise SSLRecipeError(
             "--format ultralytics needs the optional `ultralytics` package (AGPL-3.0): pip install sslrecipe[yolo]"
         ) from None
