@@ -211,6 +211,20 @@ class OptimizerControl:
         self._attached = None
         self._global_handle = None
 
+    def _scheduled_decay_groups(self, named_params, weight_decay: float, no_decay) -> list[dict]:
+        """Two groups (decayed, not decayed by `no_decay(name, p)`) whose weight decay the hook schedules."""
+        decay, plain = [], []
+        for name, p in named_params:
+            if p.requires_grad:
+                (plain if no_decay(name, p) else decay).append(p)
+        self._wd_base = float(weight_decay)
+        self._decay_ids = {id(p) for p in decay}
+        self._register_optimizer_hook()
+        groups = [{"params": decay, "weight_decay": float(weight_decay)}]
+        if plain:
+            groups.append({"params": plain, "weight_decay": 0.0})
+        return groups
+
     def _register_optimizer_hook(self) -> None:
         if self._attached is not None or self._global_handle is not None:
             return
@@ -470,18 +484,8 @@ class DINO(OptimizerControl, SSLMethod):
     # ------------------------------------------------------------------ optimizer side
     def param_groups(self, weight_decay: float) -> list[dict]:
         """``utils.get_params_groups`` on the student: group 0 regularised, biases and 1-D params not."""
-        decay, no_decay = [], []
-        for name, p in list(self.student_backbone.named_parameters()) + list(self.student_head.named_parameters()):
-            if not p.requires_grad:
-                continue
-            (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
-        self._wd_base = float(weight_decay)
-        self._decay_ids = {id(p) for p in decay}
-        self._register_optimizer_hook()
-        groups = [{"params": decay, "weight_decay": float(weight_decay)}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        return groups
+        named = list(self.student_backbone.named_parameters()) + list(self.student_head.named_parameters())
+        return self._scheduled_decay_groups(named, weight_decay, lambda name, p: name.endswith(".bias") or p.ndim == 1)
 
     def _anchor_param(self) -> torch.Tensor:
         return next(p for p in self.student_backbone.parameters() if p.requires_grad)

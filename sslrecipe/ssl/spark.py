@@ -413,16 +413,7 @@ class SparK(OptimizerControl, SSLMethod):
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        decay, no_decay = [], []
-        for name, p in self.trainable_named_parameters():
-            (no_decay if self._nowd(name, p) else decay).append(p)
-        self._wd_base = float(weight_decay)
-        self._decay_ids = {id(p) for p in decay}
-        self._register_optimizer_hook()
-        groups = [{"params": decay, "weight_decay": float(weight_decay)}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        return groups
+        return self._scheduled_decay_groups(self.trainable_named_parameters(), weight_decay, self._nowd)
 
     def _anchor_param(self) -> torch.Tensor:
         return next(p for p in self.backbone.parameters() if p.requires_grad)
