@@ -26,6 +26,22 @@ PathLike = Union[str, "os.PathLike[str]"]
 _REQUIRED_KEYS = ("images", "annotations", "categories")
 
 
+def read_json_file(path: PathLike, what: str = "annotation file") -> Any:
+    """Parse a JSON file; DataError naming the file (and line:column for bad JSON) otherwise."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        hint = "it is a folder; give the annotation .json file inside it" if p.is_dir() else "check the path"
+        raise DataError(f"{what} not found: {p} — {hint}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {what} {p}: {e}") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}:{e.lineno}:{e.colno}: invalid JSON ({e.msg}) — re-export the file or fix the JSON there") from e
+
+
 def load_coco(path: PathLike) -> dict:
     """Read a standard COCO detection JSON file.
 
@@ -33,20 +49,7 @@ def load_coco(path: PathLike) -> dict:
     column), not an object, or lacks one of the keys ``images``, ``annotations``, ``categories``.
     """
     p = Path(path).expanduser()
-    if not p.is_file():
-        hint = "it is a folder; give the annotation .json file inside it" if p.is_dir() else "check the path"
-        raise DataError(f"COCO annotation file not found: {p} — {hint}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read COCO annotation file {p}: {e}") from e
-    try:
-        coco = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"{p}:{e.lineno}:{e.colno}: invalid JSON ({e.msg}) — the file is not a valid COCO annotation file; "
-            "re-export it or fix the JSON at that position"
-        ) from e
+    coco = read_json_file(p, "COCO annotation file")
     if not isinstance(coco, dict):
         raise DataError(f"{p}: a COCO annotation file must hold a JSON object, found {type(coco).__name__}")
     missing = [k for k in _REQUIRED_KEYS if k not in coco]

@@ -129,17 +129,9 @@ def image_size(path: PathLike) -> tuple[int, int]:
 
 
 def _json_load(path: Path) -> Any:
-    if not path.is_file():
-        hint = "it is a folder; give the annotation file inside it" if path.is_dir() else "check the path"
-        raise DataError(f"annotation file not found: {path} — {hint}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read annotation file {path}: {e}") from e
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg}) — re-export the file or fix it there") from e
+    from sslrecipe.data.coco import read_json_file
+
+    return read_json_file(path)
 
 
 def _ignore_copies(
