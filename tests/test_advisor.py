@@ -360,3 +360,18 @@ def test_docs_show_the_current_decision_table():
     assert start in doc and end in doc
     embedded = doc.split(start, 1)[1].split(end, 1)[0]
     assert embedded == decision_table_markdown(), "docs/advisor.md is stale: regenerate its decision table"
+
+
+def test_a_leopart_recipe_on_own_images_pre_trains_dino_first(tmp_path):
+    """Leopart refines DINO features: pre-trained on the user's images, the written recipe chains DINO before it."""
+    import dataclasses
+
+    a = advise(backbone="vit", domain="ir", unlabeled=50000)
+    base = next(o for o in a.options if o.method == "dino" and o.backbone == "vit_small_patch16_224")
+    leopart = dataclasses.replace(base, init="custom-pretrain",
+                                  candidate=dataclasses.replace(base.candidate, method="leopart"))
+    path = tmp_path / "leopart.yaml"
+    path.write_text(recipe_yaml(a, leopart))
+    recipe = load_recipe(path)
+    assert recipe.pretrain.method == "leopart" and recipe.pretrain.first.method == "dino"
+    assert recipe.pretrain.init is None and "`first` pre-trains DINO" in path.read_text()

@@ -94,3 +94,49 @@ def test_method_on_an_unsupported_family_names_the_alternatives():
     assert "supports cnn" in str(e.value) and "mae" in str(e.value) and "dino" in str(e.value)
     with pytest.raises(SSLRecipeError, match="unknown pretrain.method 'simclr'"):
         create_method("simclr", "resnet18", 3, 64, {}, {})
+
+
+LEOPART_AFTER_DINO = [
+    "--set", "backbone={name: vit_tiny_patch16_224, in_chans: 1}", "--set", "weights.source=pretrain",
+    "--set", "pretrain={method: leopart, steps: 1, batch_size: 2, img_size: 64, lr: 1.0e-12, "
+             "options: {leopart: {num_prototypes: 8, local_crops_number: 1}}, "
+             "first: {method: dino, steps: 2, batch_size: 2, img_size: 64, options: {dino: {out_dim: 64, local_crops_number: 2}}}}",
+    "--until", "weights",
+]
+
+
+def test_dino_then_leopart_in_one_recipe(tmp_path):
+    """pretrain.first runs as its own cached stage and the main pre-training starts from its encoder."""
+    res = CliRunner().invoke(main, ["run", str(TINY), "--run-dir", str(tmp_path / "r"), *LEOPART_AFTER_DINO],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "random" not in res.output  # no "starts from random initialisation" warning
+    resolved = yaml.safe_load((tmp_path / "r" / "resolved.yaml").read_text())
+    assert resolved["pretrain"]["first"]["blr"] == 5e-4  # DINO's official keys filled into pretrain.first too
+    [first] = (tmp_path / "r").glob("pretrain_first-*")
+    [main_stage] = (tmp_path / "r").glob("pretrain-*")
+    assert json.loads((first / "encoder.json").read_text())["method"] == "dino"
+    done = json.loads((main_stage / "done.json").read_text())
+    assert done["method"] == "leopart" and done["start"] == "pretrain.first (dino)"
+    dino = load_file(str(first / "encoder.safetensors"))
+    leopart = load_file(str(main_stage / "encoder.safetensors"))
+    assert dino.keys() == leopart.keys()
+    for k in dino:  # Leopart started from DINO's encoder (its lr of 1e-12 barely moves it)
+        assert torch.allclose(dino[k], leopart[k], atol=1e-5), k
+
+    # changing only the second pre-training reuses the first
+    n = len(list(read_events(tmp_path / "r" / "events.jsonl")))
+    args = [a.replace("steps: 1, batch_size: 2, img_size: 64, lr", "steps: 2, batch_size: 2, img_size: 64, lr")
+            for a in LEOPART_AFTER_DINO]
+    res = CliRunner().invoke(main, ["run", str(TINY), "--run-dir", str(tmp_path / "r"), *args], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    later = list(read_events(tmp_path / "r" / "events.jsonl"))[n:]
+    assert [e["stage"] for e in later if e["event"] == "stage_cached"] == ["data", "pretrain_first"]
+    assert [e["stage"] for e in later if e["event"] == "stage_start"] == ["pretrain", "weights"]
+
+
+def test_pretrain_first_and_init_together_is_a_clear_error(tmp_path):
+    res = CliRunner().invoke(main, ["validate", str(TINY), "--set", "weights.source=pretrain", "--set",
+                                    "pretrain={method: leopart, init: {source: file, path: x.pt}, first: {method: dino}}"])
+    assert res.exit_code != 0
+    assert "pretrain.first.init" in res.output and "Traceback" not in res.output

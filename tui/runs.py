@@ -237,6 +237,7 @@ class RecipeSummary:
     backbone: Optional[str] = None
     weights: Optional[str] = None
     method: Optional[str] = None
+    first_method: Optional[str] = None  # pretrain.first.method: an earlier pre-training (its own stage)
     shots: Optional[int] = None
     matrix: bool = False
     data: dict[str, Any] = field(default_factory=dict)  # the resolved recipe as loaded
@@ -244,7 +245,7 @@ class RecipeSummary:
     def short(self) -> str:
         parts = [self.backbone or "?"]
         if self.weights == "pretrain" and self.method:
-            parts.append(f"{self.method} pre-train")
+            parts.append(f"{self.first_method} → {self.method} pre-train" if self.first_method else f"{self.method} pre-train")
         elif self.weights:
             parts.append(self.weights)
         if self.shots:
@@ -272,6 +273,7 @@ def read_recipe_summary(path: Path) -> Optional[RecipeSummary]:
     return RecipeSummary(
         name=get("name"), backbone=get("backbone", "name"), weights=weights,
         method=get("pretrain", "method") if weights == "pretrain" else None,
+        first_method=get("pretrain", "first", "method") if weights == "pretrain" else None,
         shots=get("data", "shots"), matrix=get("matrix") is not None, data=data,
     )
 
@@ -505,9 +507,11 @@ class RunWatcher:
         return "new", "no events yet"
 
     def planned_stages(self) -> list[str]:
-        """The stages this run goes through, in order (pretrain only when the recipe pre-trains)."""
+        """The stages this run goes through, in order (the pre-training stages only when the recipe has them)."""
         weights = self.recipe.weights if self.recipe else None
-        names = [n for n in STAGE_ORDER if n != "pretrain" or weights == "pretrain" or n in self.state.stages]
+        first = self.recipe.first_method if self.recipe else None
+        wanted = {"pretrain": weights == "pretrain", "pretrain_first": weights == "pretrain" and bool(first)}
+        names = [n for n in STAGE_ORDER if wanted.get(n, True) or n in self.state.stages]
         names += [n for n in self.state.stages if n not in names]
         return names
 

@@ -1,4 +1,4 @@
 """The run-directory vocabulary (a light module: the CLI and the TUI import it without importing torch)."""
 
-STAGE_ORDER = ("data", "pretrain", "weights", "finetune", "evaluate", "report")
+STAGE_ORDER = ("data", "pretrain_first", "pretrain", "weights", "finetune", "evaluate", "report")
 DONE_NAME = "done.json"  # a stage directory holding this file is finished

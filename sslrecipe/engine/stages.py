@@ -258,20 +258,34 @@ def _unlabeled_pool(ctx: StageContext, train_images: list[str]) -> list[str]:
 # --------------------------------------------------------------------------- pretrain
 
 
+def run_pretrain_first(ctx: StageContext) -> dict:
+    """`pretrain.first`: the earlier pre-training whose encoder `pretrain` starts from (e.g. DINO before Leopart)."""
+    return _pretrain(ctx, ctx.recipe.pretrain.first, "pretrain.first")
+
+
 def run_pretrain(ctx: StageContext) -> dict:
+    return _pretrain(ctx, ctx.recipe.pretrain, "pretrain")
+
+
+def _pretrain(ctx: StageContext, p, key: str) -> dict:
     from sslrecipe.data.unlabeled import UnlabeledImages
     from sslrecipe.models.backbone import export_encoder
     from sslrecipe.ssl.registry import create_method
 
     recipe = ctx.recipe
-    p = recipe.pretrain
     method = create_method(p.method, recipe.backbone.name, recipe.backbone.in_chans, p.img_size,
-                           p.options.get(p.method, {}), recipe.backbone.kwargs)
+                           p.options.get(p.method, {}), recipe.backbone.kwargs, key=f"{key}.method")
+    start = "random"
     if p.init is not None:
-        _init_encoder_from(ctx, method, p.init)
+        _init_encoder_from(ctx, method, p.init, f"{key}.init")
+        start = f"{key}.init"
+    elif "pretrain_first" in ctx.upstream and key == "pretrain":
+        _load_encoder_into(method, ctx.upstream["pretrain_first"] / "encoder.safetensors")
+        start = f"pretrain.first ({recipe.pretrain.first.method})"  # recorded in done.json and encoder.json
     elif p.method == "leopart":
-        ctx.warn("leopart starts from DINO weights in the paper; pretrain.init is not set, so it starts from random "
-                 "initialisation and will learn far less (set pretrain.init to a DINO checkpoint)")
+        ctx.warn(f"leopart starts from DINO weights in the paper; {key}.init is not set, so it starts from random "
+                 f"initialisation and will learn far less (set {key}.init to a DINO checkpoint, or pre-train DINO "
+                 "first in this run with pretrain.first: {method: dino})")
     paths = (ctx.upstream["data"] / "unlabeled.txt").read_text().splitlines()
     manifest = read_manifest(ctx.upstream["data"])
     dataset = UnlabeledImages([Path(x) for x in paths], recipe.backbone.in_chans, transform=method.views, seed=recipe.seed,
@@ -280,7 +294,7 @@ def run_pretrain(ctx: StageContext) -> dict:
     device, precision = _device_precision(recipe)
     total = _total_steps(p.steps, p.epochs, len(dataset), p.batch_size, p.accumulate, drop_last=True)
     settings = LoopSettings(
-        stage="pretrain", stage_dir=ctx.stage_dir, stage_hash=ctx.stage_hash, optim=p, batch_size=p.batch_size,
+        stage=ctx.name, stage_dir=ctx.stage_dir, stage_hash=ctx.stage_hash, optim=p, batch_size=p.batch_size,
         total_steps=total, seed=recipe.seed, device=device, precision=precision, workers=recipe.runtime.workers,
         checkpoint_every=recipe.runtime.checkpoint_every, drop_last=True, collate_fn=method.collate,
     )
@@ -290,28 +304,33 @@ def run_pretrain(ctx: StageContext) -> dict:
     result = loop.run()
     timm_kwargs = {"in_chans": recipe.backbone.in_chans, "num_classes": 0, **recipe.backbone.kwargs}
     timm_kwargs.update(getattr(method, "export_timm_kwargs", {}))
-    export_encoder(method.encoder(), ctx.stage_dir, recipe.backbone.name, timm_kwargs, extra={"method": p.method, "steps": result.steps})
+    export_encoder(method.encoder(), ctx.stage_dir, recipe.backbone.name, timm_kwargs,
+                   extra={"method": p.method, "steps": result.steps, "start": start})
     method.export_extra(ctx.stage_dir)  # e.g. ReSim's FPN, which fine-tuning starts from
-    return {"steps": result.steps, "final_loss": result.last_loss}
+    return {"method": p.method, "steps": result.steps, "final_loss": result.last_loss, "start": start}
 
 
-def _init_encoder_from(ctx: StageContext, method, ref) -> None:
+def _load_encoder_into(method, file: Path) -> None:
     from safetensors.torch import load_file
 
-    from sslrecipe.weights import resolve_weights
-
-    if ref.source not in ("fetch", "file"):
-        raise SSLRecipeError(f"pretrain.init.source must be fetch or file (got {ref.source})")
-    out = resolve_weights(ref.source, ref.id or ref.path, ref.sha256, ref.format, ctx.recipe.backbone.name,
-                          ctx.recipe.backbone.in_chans, ctx.stage_dir / "init", timm_kwargs=ctx.recipe.backbone.kwargs,
-                          warn=ctx.warn)
-    state = load_file(str(Path(out) / "encoder.safetensors"))
+    state = load_file(str(file))
     encoder = method.encoder()
     if getattr(encoder, "pos_embed", None) is not None:  # a ViT pre-trained at another size: resample its grid
         from sslrecipe.ssl.vit_utils import resize_pos_embed_in_state
 
         state = resize_pos_embed_in_state(state, encoder)
     method.load_encoder_weights(state)
+
+
+def _init_encoder_from(ctx: StageContext, method, ref, key: str = "pretrain.init") -> None:
+    from sslrecipe.weights import resolve_weights
+
+    if ref.source not in ("fetch", "file"):
+        raise SSLRecipeError(f"{key}.source must be fetch or file (got {ref.source})")
+    out = resolve_weights(ref.source, ref.id or ref.path, ref.sha256, ref.format, ctx.recipe.backbone.name,
+                          ctx.recipe.backbone.in_chans, ctx.stage_dir / "init", timm_kwargs=ctx.recipe.backbone.kwargs,
+                          warn=ctx.warn)
+    _load_encoder_into(method, Path(out) / "encoder.safetensors")
 
 
 # --------------------------------------------------------------------------- weights
@@ -556,18 +575,29 @@ def _unlabeled_pool_config(r: Recipe) -> Any:
             "images": r.data.images, "format": r.data.format, **common}
 
 
+def _pool_fingerprint(r: Recipe) -> dict:
+    return {"labeled": _labeled_fingerprint(r),
+            "unlabeled": _path_fingerprint(r.data.unlabeled) if isinstance(r.data.unlabeled, str) else None}
+
+
 def build_pipeline() -> Pipeline:
     return Pipeline(
         [
             Stage("data", (), lambda r: {"data": _dump(r.data), "seed": r.seed, "eval_split": r.evaluate.split}, run_data,
                   fingerprint=lambda r: {"labeled": _labeled_fingerprint(r),
                                          "unlabeled": _path_fingerprint(r.data.unlabeled) if isinstance(r.data.unlabeled, str) else None}),
-            Stage("pretrain", ("data",),
+            # pre-training hashes the pool definition, never data.shots: shot changes reuse it
+            Stage("pretrain_first", ("data",),
+                  lambda r: {"pretrain": _dump(r.pretrain.first), "backbone": _dump(r.backbone), "seed": r.seed,
+                             "precision": r.runtime.precision, "pool": _unlabeled_pool_config(r)},
+                  run_pretrain_first, enabled=lambda r: r.weights.source == "pretrain" and r.pretrain.first is not None,
+                  hash_upstream=(), fingerprint=_pool_fingerprint),
+            # its config holds pretrain.first whole, so the first stage's hash need not enter it
+            Stage("pretrain", ("data", "pretrain_first"),
                   lambda r: {"pretrain": _dump(r.pretrain), "backbone": _dump(r.backbone), "seed": r.seed,
                              "precision": r.runtime.precision, "pool": _unlabeled_pool_config(r)},
                   run_pretrain, enabled=lambda r: r.weights.source == "pretrain", hash_upstream=(),
-                  fingerprint=lambda r: {"labeled": _labeled_fingerprint(r),
-                                         "unlabeled": _path_fingerprint(r.data.unlabeled) if isinstance(r.data.unlabeled, str) else None}),
+                  fingerprint=_pool_fingerprint),
             Stage("weights", ("pretrain",), lambda r: {"weights": _dump(r.weights), "backbone": _dump(r.backbone),
                                                        "seed": r.seed if r.weights.source == "scratch" else None}, run_weights),
             Stage("finetune", ("data", "weights"),

@@ -57,6 +57,8 @@ def recipe_data(advice: Advice, option: Optional[Option] = None) -> dict[str, An
         pretrain: dict[str, Any] = {"method": o.method, "img_size": res.pretrain_img_size if res else 224}
         if o.init == "public+custom-pretrain":
             pretrain["init"] = {"source": "fetch", "id": o.candidate.continue_from or o.candidate.weights}
+        elif o.method == "leopart":  # Leopart fine-tunes DINO features: pre-train DINO first, in the same run
+            pretrain["first"] = {"method": "dino", "img_size": pretrain["img_size"]}
         recipe["pretrain"] = pretrain
     # the advised finetune.img_size (from --data) is written as a comment: the synthetic scenes that make
     # the recipe run as written are small, and the user switches it on with their own data
@@ -154,6 +156,8 @@ def recipe_yaml(advice: Advice, option: Optional[Option] = None) -> str:
         )
         if o.init == "public+custom-pretrain":
             pnote += " `init` continues from the public weights instead of random ones."
+        elif o.method == "leopart":
+            pnote += " Leopart refines DINO features: `first` pre-trains DINO on the same images before it."
         if o.resolution is not None:
             pnote += " Crops at native resolution: never shrink whole images to img_size."
         out.append("\n" + _comment(pnote))

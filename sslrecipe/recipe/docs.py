@@ -34,6 +34,8 @@ def _models(model: type[BaseModel], prefix: str, out: list[tuple[str, type[BaseM
     out.append((prefix, model))
     for name, info in model.model_fields.items():
         for sub in _submodels(info.annotation):
+            if sub is model:  # a recursive section (pretrain.first): documented once, by its parent
+                continue
             _models(sub, f"{prefix}.{name}" if prefix else name, out)
 
 

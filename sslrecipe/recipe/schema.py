@@ -203,11 +203,26 @@ class PretrainConfig(OptimConfig):
         description="Method-specific keys, one mapping per method name (e.g. `options: {mae: {mask_ratio: 0.75}}`); "
         "each method validates its own keys.",
     )
+    first: Optional["PretrainConfig"] = Field(
+        None,
+        description="An earlier pre-training in this run (its own stage, `pretrain_first`) whose encoder this one starts "
+        "from, e.g. `first: {method: dino, epochs: 100}` before `method: leopart`. Same keys as `pretrain`; one level.",
+    )
 
     @model_validator(mode="after")
     def _length(self) -> "PretrainConfig":
         if self.epochs is None and self.steps is None:
             self.epochs = 100
+        if self.first is not None:
+            if self.first.first is not None:
+                raise ValueError("pretrain.first.first: only one earlier pre-training is supported; chain at most two")
+            if self.init is not None:
+                raise ValueError(
+                    "pretrain.init and pretrain.first are both set: pretrain starts from pretrain.first's encoder; "
+                    "to start pretrain.first from a checkpoint, move the init there (pretrain.first.init)"
+                )
+            if not self.first.method:
+                raise ValueError("pretrain.first.method is not set (e.g. dino before leopart)")
         return self
 
 

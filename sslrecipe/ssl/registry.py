@@ -107,16 +107,17 @@ def _import_methods() -> None:
 
 
 def create_method(name: str, timm_name: str, in_chans: int, img_size: int, options: Optional[dict] = None,
-                  timm_kwargs: Optional[dict] = None) -> SSLMethod:
+                  timm_kwargs: Optional[dict] = None, key: str = "pretrain.method") -> SSLMethod:
+    """The one door to a method; `key` is the recipe key that chose it (for error messages)."""
     methods = available()
     family = backbone_family(timm_name)
     if name not in methods:
-        raise SSLRecipeError(f"unknown pretrain.method '{name}'; methods: {', '.join(sorted(methods))}")
+        raise SSLRecipeError(f"unknown {key} '{name}'; methods: {', '.join(sorted(methods))}")
     spec = methods[name]
     if family not in spec.families:
         fitting = sorted(n for n, s in methods.items() if family in s.families)
         raise SSLRecipeError(
-            f"pretrain.method '{name}' supports {', '.join(spec.families)} backbones, but backbone.name "
+            f"{key} '{name}' supports {', '.join(spec.families)} backbones, but backbone.name "
             f"'{timm_name}' is a {family}; choose a {' or '.join(spec.families)} backbone, or a method for "
             f"{family} backbones: {', '.join(fitting) or 'none yet'}"
         )
@@ -126,19 +127,24 @@ def create_method(name: str, timm_name: str, in_chans: int, img_size: int, optio
 
 def apply_method_defaults(recipe):
     """The recipe with the pre-training method's official optimizer keys filled in wherever the user set
-    none (pydantic's `model_fields_set`), so `resolved.yaml` shows what really runs."""
-    p = recipe.pretrain
-    if recipe.weights.source != "pretrain" or not p.method:
+    none (pydantic's `model_fields_set`), so `resolved.yaml` shows what really runs; `pretrain.first` likewise."""
+    if recipe.weights.source != "pretrain" or not recipe.pretrain.method:
         return recipe
-    spec = available().get(p.method)
-    if spec is None or spec.optim_defaults is None:
-        return recipe
-    defaults = spec.optim_defaults(backbone_family(recipe.backbone.name)) or {}
-    unset = {k: v for k, v in defaults.items() if k not in p.model_fields_set and k in type(p).model_fields}
-    if not unset:
+    family = backbone_family(recipe.backbone.name)
+
+    def unset_defaults(p) -> dict:
+        spec = available().get(p.method) if p.method else None
+        if spec is None or spec.optim_defaults is None:
+            return {}
+        defaults = spec.optim_defaults(family) or {}
+        return {k: v for k, v in defaults.items() if k not in p.model_fields_set and k in type(p).model_fields}
+
+    main = unset_defaults(recipe.pretrain)
+    first = unset_defaults(recipe.pretrain.first) if recipe.pretrain.first is not None else {}
+    if not main and not first:
         return recipe
     data = recipe.model_dump(mode="json")
-    data["pretrain"].update(unset)
-    new = type(recipe).model_validate(data)
-    # keep the user's explicit keys recognisable as such (the defaults now count as set too)
-    return new
+    data["pretrain"].update(main)
+    if first:
+        data["pretrain"]["first"].update(first)
+    return type(recipe).model_validate(data)
