@@ -57,7 +57,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from sslrecipe.ssl import views as V
-from sslrecipe.ssl.dino import OptimizerControl, cosine_value, default_local_size, ema_update
+from sslrecipe.ssl.dino import cosine_value, default_local_size, ema_update
+from sslrecipe.ssl.optim_control import OptimizerControl
 from sslrecipe.ssl.registry import SSLMethod, register
 from sslrecipe.ssl.vit_utils import check_img_size, check_vit, patch_size_of, vit_forward, vit_forward_with_last_attention
 

@@ -28,7 +28,7 @@ Mapping to the official code (reference: ../shared/reference/ssl-methods.md §2;
 - views (``utils/imagenet.py`` L66-70): ``RandomResizedCrop(img_size, scale=(0.67, 1.0), bicubic)`` + flip only;
 - optimiser side (``main.py`` L73-81, ``utils/lr_control.py``): parameters without weight decay are biases,
   1-D parameters and the mask tokens (``nowd_keys``); a step pre-hook on the loop's optimizer (the mechanism of
-  :class:`sslrecipe.ssl.dino.OptimizerControl`) applies, every iteration, the official weight-decay cosine from
+  :class:`sslrecipe.ssl.optim_control.OptimizerControl`) applies, every iteration, the official weight-decay cosine from
   ``pretrain.weight_decay`` (0.04 officially) to ``weight_decay_end`` (0.2), the official lr curve (linear warmup
   from 0.5 % of the peak over ``warmup_fraction`` of training, then cosine down to 0.1 % of the peak; the peak is
   the recipe's ``pretrain.lr`` or ``blr x batch / 256``) and the gradient clip 5.0 (inside LAMB as
@@ -69,7 +69,7 @@ from torch import nn
 from sslrecipe.errors import RecipeError, SSLRecipeError
 from sslrecipe.ssl import sparse as S
 from sslrecipe.ssl import views as V
-from sslrecipe.ssl.dino import OptimizerControl
+from sslrecipe.ssl.optim_control import OptimizerControl
 from sslrecipe.ssl.registry import SSLMethod, register
 
 #: The official optimiser settings (``utils/arg_util.py``, ResNet), as ``pretrain.*`` recipe keys; the pipeline fills
