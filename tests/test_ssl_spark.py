@@ -291,6 +291,10 @@ def test_training_loop_step_schedules_lamb_clip_and_strict_export(tmp_path):
     # the official per-iteration curves: lr 0.5% of the peak at the first step, cosine afterwards (3 steps: no warmup)
     assert [round(s[0] / 1e-3, 6) for s in seen] == [0.005, round(spark_lr_factor(1, 3, 0.025), 6), 0.001]
     assert [round(s[1], 6) for s in seen] == [0.04, 0.12, 0.2] and all(s[2] == 0.0 for s in seen)
+    from sslrecipe.engine.events import read_events
+
+    logged = [e["lr"] for e in read_events(tmp_path / "e.jsonl") if e["event"] == "progress"]
+    assert logged == [s[0] for s in seen]  # progress events log the lr each step really used
     assert all(s[3] == 5.0 for s in seen)  # TheSameAsTimmLAMB(max_grad_norm=5.0)
     groups = m.param_groups(0.04)
     no_decay = {id(p) for p in groups[1]["params"]}

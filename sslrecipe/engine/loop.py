@@ -244,12 +244,13 @@ class TrainLoop:
                     if self.scaler is not None:
                         self.scaler.unscale_(self.optimizer)
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.optim.clip_grad)
-                lr = self.optimizer.param_groups[0]["lr"]
                 if self.scaler is not None:
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
                 else:
                     self.optimizer.step()
+                # read after the step: a method's optimizer pre-step hook (SparK's official lr) may have set it
+                lr = self.optimizer.param_groups[0]["lr"]
                 self.scheduler.step()
                 step += 1
                 if self.after_step is not None:
