@@ -132,3 +132,21 @@ def test_bad_recipe_is_one_clear_error(tmp_path):
     res = CliRunner().invoke(main, ["run", str(bad)])
     assert res.exit_code == 2
     assert "unknown key 'finetune.epoch'" in res.output and "Traceback" not in res.output
+
+
+def test_finetune_img_size_null_is_chosen_from_the_training_boxes(tmp_path):
+    """finetune.img_size: null picks the size the training boxes call for and records it."""
+    from sslrecipe.data.coco import load_coco
+    from sslrecipe.detect.faster_rcnn import suggest_img_size
+    from sslrecipe.engine.stages import read_manifest
+
+    run_dir = tmp_path / "r"
+    run_cli("--run-dir", str(run_dir), "--set", "finetune.img_size=null", "--set", "finetune.steps=1", "--until", "finetune")
+    [data] = run_dir.glob("data-*")
+    [finetune] = run_dir.glob("finetune-*")
+    manifest = read_manifest(data)
+    train = load_coco(data / manifest["splits"]["train"]["annotations"])
+    chosen = json.loads((finetune / "done.json").read_text())["img_size"]
+    assert chosen == suggest_img_size(train) and chosen % 32 == 0 and chosen >= 128  # 128x96 scenes, small objects
+    assert json.loads((finetune / "detector.json").read_text())["img_size"] == chosen
+    assert [e["value"] for e in events_of(run_dir) if e.get("name") == "finetune/img_size"] == [chosen]

@@ -411,12 +411,24 @@ def _run_finetune_yolo(ctx: StageContext) -> dict:
             sets[split] = (load_coco(ctx.upstream["data"] / entry["annotations"]), Path(entry["image_root"]))
     device, _precision = _device_precision(recipe)
     epochs = f.epochs or 1
+    img_size = _finetune_img_size(ctx, sets["train"][0])
     spec = finetune_yolo(ctx.stage_dir, sets["train"], sets.get("val"), ctx.upstream["weights"], epochs=epochs,
-                         img_size=f.img_size, batch_size=f.batch_size, lr=f.peak_lr(f.batch_size), seed=recipe.seed,
+                         img_size=img_size, batch_size=f.batch_size, lr=f.peak_lr(f.batch_size), seed=recipe.seed,
                          device="cpu" if device.type == "cpu" else str(device.index or 0), workers=recipe.runtime.workers,
                          width=f.yolo_width)
     ctx.metric("finetune/yolo_backbone_tensors_verified", spec["backbone_verified"])
-    return {"detector": "yolo", "epochs": epochs, "backbone_verified": spec["backbone_verified"]}
+    return {"detector": "yolo", "epochs": epochs, "backbone_verified": spec["backbone_verified"], "img_size": img_size}
+
+
+def _finetune_img_size(ctx: StageContext, coco: dict) -> int:
+    """`finetune.img_size`, or when null the size the training boxes call for (`suggest_img_size`), reported."""
+    from sslrecipe.detect.faster_rcnn import suggest_img_size
+
+    if ctx.recipe.finetune.img_size is not None:
+        return ctx.recipe.finetune.img_size
+    size = suggest_img_size(coco)
+    ctx.metric("finetune/img_size", size)
+    return size
 
 
 def run_finetune(ctx: StageContext) -> dict:
@@ -441,10 +453,11 @@ def run_finetune(ctx: StageContext) -> dict:
         # anchors from the boxes as the detector sees them in a tile (resized tile_size -> img_size)
         coco = {**coco, "images": [{**im, "width": min(im["width"], f.train_tile_size),
                                     "height": min(im["height"], f.train_tile_size)} for im in coco["images"]]}
-    anchors = tuple(f.anchor_sizes) if f.anchor_sizes else tuple(suggest_anchor_sizes(coco, f.img_size))
+    img_size = _finetune_img_size(ctx, coco)
+    anchors = tuple(f.anchor_sizes) if f.anchor_sizes else tuple(suggest_anchor_sizes(coco, img_size))
     spec = {
         "timm_name": meta["timm_name"], "timm_kwargs": meta["timm_kwargs"], "num_classes": len(dataset.label_to_category),
-        "label_to_category": {str(k): v for k, v in dataset.label_to_category.items()}, "img_size": f.img_size,
+        "label_to_category": {str(k): v for k, v in dataset.label_to_category.items()}, "img_size": img_size,
         "anchor_sizes": list(anchors), "in_chans": recipe.backbone.in_chans, "norm": f.norm,
         "trainable_stages": f.trainable_stages, "max_detections": f.max_detections, "fpn_channels": f.fpn_channels,
         "rois_per_image": f.rois_per_image, "detector": f.detector, "mask_channels": f.mask_channels,
@@ -473,7 +486,7 @@ def run_finetune(ctx: StageContext) -> dict:
     result = TrainLoop(settings, model, groups, dataset, loss_fn, ctx.events).run()
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(ctx.stage_dir / "detector.safetensors"))
     atomic_write_text(ctx.stage_dir / "detector.json", json.dumps(spec, indent=1))
-    return {"steps": result.steps, "final_loss": result.last_loss, "anchor_sizes": list(anchors)}
+    return {"steps": result.steps, "final_loss": result.last_loss, "anchor_sizes": list(anchors), "img_size": img_size}
 
 
 def _load_pretrained_fpn(ctx: StageContext, model, fpn_channels: int) -> None:

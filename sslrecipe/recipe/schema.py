@@ -233,8 +233,10 @@ class FinetuneConfig(OptimConfig):
     epochs: Optional[int] = Field(12, ge=1, description="Epochs over the (few-shot) training set.")
     steps: Optional[int] = Field(None, ge=1, description="Optimizer steps; overrides `epochs`.")
     batch_size: int = Field(8, ge=1, description="Images per batch (global).")
-    img_size: int = Field(
-        512, ge=32, description="Longest image side fed to the detector (images are resized so this side matches; small objects grow with it)."
+    img_size: Optional[int] = Field(
+        None, ge=32, description="Longest image side fed to the detector (images are resized so this side matches; small "
+        "objects grow with it). null = from the training boxes: the images' median longest side (tiles: the tile), grown "
+        "up to 2x until the 10th-percentile object is 8 px, a multiple of 32 (recorded in the finetune stage's done.json)."
     )
     schedule: Literal["auto", "cosine", "step", "constant"] = Field(
         "auto", description="auto = the survey's: CNNs step x0.2 at 3/4 and 11/12 of training, ViTs cosine."
