@@ -99,7 +99,8 @@ class WeightNormLinear(nn.Module):
         self.weight_g = nn.Parameter(torch.ones(out_features, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+        # g / ||v|| is one number per output row: one full-size multiply instead of a multiply and a divide
+        weight = self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
         return F.linear(x, weight)
 
 
@@ -151,17 +152,20 @@ class DINOLoss(nn.Module):
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, teacher_temp: float, ncrops: int,
                 n_teacher: int = 2) -> torch.Tensor:
-        student_out = (student_output.float() / self.student_temp).chunk(ncrops)
+        # The official double loop sums, over every (teacher view iq, student view v != iq) pair,
+        # mean_b(-q_iq . log_softmax(s_v)). Grouped by student view it is mean_b(-(sum_{iq != v} q_iq) . log_softmax(s_v)):
+        # the same terms, with one log_softmax per student view instead of one per pair (8 instead of 14 at 2+6 crops).
+        log_p = F.log_softmax(student_output.float() * (1.0 / self.student_temp), dim=-1).chunk(ncrops)
         teacher_output = teacher_output.float()
-        teacher_out = F.softmax((teacher_output - self.center) / teacher_temp, dim=-1).detach().chunk(n_teacher)
+        q = F.softmax((teacher_output - self.center) * (1.0 / teacher_temp), dim=-1).detach().chunk(n_teacher)
+        q_all = torch.stack(q).sum(0)
         total = student_output.new_zeros((), dtype=torch.float32)
         n_terms = 0
-        for iq, q in enumerate(teacher_out):
-            for v in range(len(student_out)):
-                if v == iq:  # the same view for student and teacher
-                    continue
-                total = total + torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1).mean()
-                n_terms += 1
+        for v in range(len(log_p)):
+            others = [q[i] for i in range(n_teacher) if i != v]  # every teacher view but the student's own
+            target = q_all if len(others) == n_teacher else (others[0] if len(others) == 1 else torch.stack(others).sum(0))
+            total = total - (target * log_p[v]).sum(-1).mean()
+            n_terms += len(others)
         total = total / n_terms
         self.update_center(teacher_output)
         return total
