@@ -53,10 +53,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from sslrecipe.ssl import views as V
+from sslrecipe.ssl.views import CropScale
 from sslrecipe.ssl.optim_control import OptimizerControl
 from sslrecipe.ssl.registry import SSLMethod, backbone_family, register
 from sslrecipe.ssl.vit_utils import check_img_size, check_vit, patch_size_of, vit_forward
@@ -226,19 +227,13 @@ class DINOOptions(BaseModel):
     center_momentum: float = Field(0.9, ge=0, lt=1, description="Momentum of the teacher-output center.")
     local_crops_number: int = Field(8, ge=0, description="Number of local crops.")
     local_crop_size: Optional[int] = Field(None, ge=8, description="Local crop size; null = 96/224 of img_size (a patch multiple for ViTs).")
-    global_crops_scale: Optional[tuple[float, float]] = Field(None, description="Global crop area range; null = (0.4, 1) ViT, (0.14, 1) CNN.")
-    local_crops_scale: Optional[tuple[float, float]] = Field(None, description="Local crop area range; null = (0.05, 0.4) ViT, (0.05, 0.14) CNN.")
+    global_crops_scale: Optional[CropScale] = Field(None, description="Global crop area range; null = (0.4, 1) ViT, (0.14, 1) CNN.")
+    local_crops_scale: Optional[CropScale] = Field(None, description="Local crop area range; null = (0.05, 0.4) ViT, (0.05, 0.14) CNN.")
     drop_path_rate: Optional[float] = Field(None, ge=0, lt=1, description="Student stochastic depth; null = 0.1 ViT, 0 CNN.")
     weight_decay_end: Optional[float] = Field(None, ge=0, description="Final weight decay of the cosine schedule; null = 0.4 ViT, constant CNN.")
     clip_grad: Optional[float] = Field(3.0, gt=0, description="Per-parameter gradient-norm clipping; null = off.")
     freeze_last_layer_fraction: float = Field(0.01, ge=0, le=1, description="Keep the last layer fixed for this fraction of training (1 of 100 epochs).")
 
-    @field_validator("global_crops_scale", "local_crops_scale")
-    @classmethod
-    def _scale(cls, v):
-        if v is not None and not 0 < v[0] <= v[1] <= 1:
-            raise ValueError("must be [min, max] with 0 < min <= max <= 1")
-        return v
 
 
 # --------------------------------------------------------------------------- the method

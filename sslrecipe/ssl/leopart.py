@@ -53,10 +53,11 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from sslrecipe.ssl import views as V
+from sslrecipe.ssl.views import CropScale
 from sslrecipe.ssl.dino import cosine_value, default_local_size, ema_update
 from sslrecipe.ssl.optim_control import OptimizerControl
 from sslrecipe.ssl.registry import SSLMethod, register
@@ -239,18 +240,12 @@ class LeopartOptions(BaseModel):
     drop_path_rate: float = Field(0.1, ge=0, lt=1, description="Student stochastic depth.")
     local_crops_number: int = Field(4, ge=0, description="Local crops (2 global crops are always used).")
     local_crop_size: Optional[int] = Field(None, ge=8, description="Local crop size; null = 96/224 of img_size rounded to the patch size.")
-    global_crops_scale: tuple[float, float] = Field((0.25, 1.0), description="Global crop area range.")
-    local_crops_scale: tuple[float, float] = Field((0.05, 0.25), description="Local crop area range.")
+    global_crops_scale: CropScale = Field((0.25, 1.0), description="Global crop area range.")
+    local_crops_scale: CropScale = Field((0.05, 0.25), description="Local crop area range.")
     min_intersection: float = Field(0.01, gt=0, lt=1, description="Minimum crop/global-crop intersection as a fraction of the image (x2 between globals).")
     jitter_strength: float = Field(1.0, ge=0, description="Colour jitter strength s: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s).")
     blur_strength: float = Field(1.0, ge=0, description="Blur sigma range [0.1, 2] x this.")
 
-    @field_validator("global_crops_scale", "local_crops_scale")
-    @classmethod
-    def _scale(cls, v):
-        if not 0 < v[0] <= v[1] <= 1:
-            raise ValueError("must be [min, max] with 0 < min <= max <= 1")
-        return v
 
 
 # --------------------------------------------------------------------------- the method

@@ -38,10 +38,11 @@ from functools import partial
 from typing import Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from sslrecipe.ssl import views as V
+from sslrecipe.ssl.views import CropScale
 from sslrecipe.ssl.registry import SSLMethod, register
 from sslrecipe.ssl.vit_utils import check_img_size, check_vit, grid_size_of, patch_size_of, patch_tokens, prefix_tokens, sincos_pos_embed_2d
 
@@ -61,15 +62,9 @@ class MAEOptions(BaseModel):
     decoder_depth: int = Field(8, ge=1, description="Decoder Transformer blocks.")
     decoder_heads: Optional[int] = Field(None, ge=1, description="Decoder attention heads; null = 16 (8 for encoders <= 384 wide).")
     decoder_mlp_ratio: float = Field(4.0, gt=0, description="Decoder MLP ratio.")
-    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="RandomResizedCrop area range.")
+    crop_scale: CropScale = Field((0.2, 1.0), description="RandomResizedCrop area range.")
     hflip: bool = Field(True, description="Random horizontal flip.")
 
-    @field_validator("crop_scale")
-    @classmethod
-    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < v[0] <= v[1] <= 1:
-            raise ValueError("must be [min, max] with 0 < min <= max <= 1")
-        return v
 
 
 class MAE(SSLMethod):

@@ -76,11 +76,12 @@ from typing import Optional, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from sslrecipe.errors import RecipeError, SSLRecipeError
 from sslrecipe.ssl import views as V
+from sslrecipe.ssl.views import CropScale
 from sslrecipe.ssl.registry import SSLMethod, register
 
 #: The official pre-training optimiser settings (README command + main_moco.py), as pretrain.* recipe keys.
@@ -108,15 +109,9 @@ class ReSimOptions(BaseModel):
     mlp_hidden: Optional[int] = Field(None, ge=1, description="Hidden width of the MLP head; null = the C5 width (2048 on R50).")
     fpn_dim: int = Field(256, ge=1, description="FPN width.")
     fpn_norm: bool = Field(False, description="BatchNorm after the FPN convs (--fpn-bn).")
-    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="RandomResizedCrop area range of both views.")
+    crop_scale: CropScale = Field((0.2, 1.0), description="RandomResizedCrop area range of both views.")
     shuffle_bn_splits: int = Field(2, ge=1, description="BatchNorm groups emulating shuffle-BN across GPUs (1 = none).")
 
-    @field_validator("crop_scale")
-    @classmethod
-    def _scale(cls, v):
-        if not 0 < v[0] <= v[1] <= 1:
-            raise ValueError("must be [min, max] with 0 < min <= max <= 1")
-        return v
 
 
 # --------------------------------------------------------------------------- windows

@@ -63,12 +63,13 @@ import math
 from typing import Any, Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from sslrecipe.errors import RecipeError, SSLRecipeError
 from sslrecipe.ssl import sparse as S
 from sslrecipe.ssl import views as V
+from sslrecipe.ssl.views import CropScale
 from sslrecipe.ssl.optim_control import OptimizerControl
 from sslrecipe.ssl.registry import SSLMethod, register
 
@@ -102,7 +103,7 @@ class SparKOptions(BaseModel):
     drop_path_rate: Optional[float] = Field(
         None, ge=0, lt=1, description="Encoder stochastic depth; null = the official value for the model (R50 0.05 ... "
         "R200 0.15, ConvNeXt-S/B/L 0.2/0.3/0.4), else backbone.kwargs.drop_path_rate, else 0.")
-    crop_scale: tuple[float, float] = Field(
+    crop_scale: CropScale = Field(
         (0.67, 1.0), description="RandomResizedCrop area range (mild, as officially).")
     hflip: bool = Field(True, description="Random horizontal flip.")
     weight_decay_end: float = Field(
@@ -116,12 +117,6 @@ class SparKOptions(BaseModel):
         5.0, gt=0, description="Global gradient-norm clip: LAMB's max_grad_norm, or clip_grad_norm_ for AdamW/SGD; "
         "null = off.")
 
-    @field_validator("crop_scale")
-    @classmethod
-    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < v[0] <= v[1] <= 1:
-            raise ValueError("must be [min, max] with 0 < min <= max <= 1")
-        return v
 
 
 # --------------------------------------------------------------------------- decoder (decoder.py)

@@ -33,16 +33,27 @@ for thermal and other non-RGB data those have no meaning, hence the single fixed
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import AfterValidator
 
 NORM_MEAN = 0.5
 NORM_STD = 0.25
 
 Box = tuple[int, int, int, int]  # (top, left, height, width) in the source image's pixels
+
+
+def _check_crop_scale(v: tuple[float, float]) -> tuple[float, float]:
+    if not 0 < v[0] <= v[1] <= 1:
+        raise ValueError("must be [min, max] with 0 < min <= max <= 1")
+    return v
+
+
+# a RandomResizedCrop area range, as every method's options declare it
+CropScale = Annotated[tuple[float, float], AfterValidator(_check_crop_scale)]
 
 
 def random_resized_crop_box(
