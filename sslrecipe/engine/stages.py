@@ -279,7 +279,7 @@ def _pretrain(ctx: StageContext, p, key: str) -> dict:
     if p.init is not None:
         _init_encoder_from(ctx, method, p.init, f"{key}.init")
         start = f"{key}.init"
-    elif "pretrain_first" in ctx.upstream and key == "pretrain":
+    elif "pretrain_first" in ctx.upstream:  # only pretrain needs it
         _load_encoder_into(method, ctx.upstream["pretrain_first"] / "encoder.safetensors")
         start = f"pretrain.first ({recipe.pretrain.first.method})"  # recorded in done.json and encoder.json
     elif p.method == "leopart":
