@@ -12,7 +12,9 @@ synthetic thermal scenes (``sslrecipe.data.synth.render_scene``, 320x256) with `
 
 A ``dense`` row per model times the plain timm encoder's forward + backward + AdamW step on full 224-px images at
 the same batch: the cost of one dense pass. ``vs_dense`` = the method's step time / the dense step time (MAE's
-encoder sees a quarter of the tokens, so its step should cost well under a dense pass).
+encoder sees a quarter of the tokens, so its step should cost well under a dense pass). MAE rows add ``encoder_s``
+(forward + backward of the encoder alone on the visible tokens), ``forward_backward_s`` (the whole model, no optimizer
+step) and ``encoder_vs_dense``: the split shows where the rest goes (the decoder runs on every token).
 
 Reported per pair: ``step_images_per_s`` (model work only: forward + backward + step + after_step),
 ``views_images_per_s`` (augmentation of one image, single process), ``images_per_s`` (both, as with
@@ -122,6 +124,7 @@ def _one(method_name: str, model: str, steps: int, img_size: int) -> dict:
         view_s += dv
         step_s += run_step(batch, s + 2)
     n = steps * batch_size
+    split = _mae_encoder_split(method, batch, steps) if hasattr(method, "forward_encoder") else {}
     crops = [tuple(t.shape[-2:]) for t in batch if getattr(t, "ndim", 0) == 4] if isinstance(batch, (list, tuple)) else None
     return {
         "method": method_name, "model": model, "families": list(spec.families), "img_size": img_size,
@@ -131,7 +134,31 @@ def _one(method_name: str, model: str, steps: int, img_size: int) -> dict:
         "step_images_per_s": round(n / step_s, 3), "views_images_per_s": round(n / view_s, 2),
         "images_per_s": round(n / (step_s + view_s), 3), "step_s": round(step_s / steps, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        **split,
     }
+
+
+def _mae_encoder_split(method, batch, steps: int) -> dict:
+    """MAE's step split: forward + backward of the encoder alone on the visible tokens (``encoder_s``) and of the whole
+    model (``forward_backward_s``); the difference is the decoder on every token plus the loss."""
+
+    def timed(fn) -> float:
+        fn()  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        return (time.perf_counter() - t0) / steps
+
+    def encoder_only():
+        latent = method.forward_encoder(batch)[0]
+        latent.float().pow(2).mean().backward()
+
+    def whole():
+        method(batch)["loss"].backward()
+
+    enc, full = timed(encoder_only), timed(whole)
+    method.zero_grad(set_to_none=True)
+    return {"encoder_s": round(enc, 2), "forward_backward_s": round(full, 2)}
 
 
 def main() -> None:
@@ -185,6 +212,8 @@ def main() -> None:
         dense = next((r for r in rows if r["method"] == "dense" and r["model"] == row["model"] and "step_s" in r), None)
         if dense and row["method"] != "dense" and "step_s" in row:
             row["vs_dense"] = round(row["step_s"] / dense["step_s"], 2)
+            if "encoder_s" in row:
+                row["encoder_vs_dense"] = round(row["encoder_s"] / dense["step_s"], 2)
     result = {
         "benchmark": f"SSL pre-training throughput and peak memory, {args.family.upper()} methods, 1-channel input",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
