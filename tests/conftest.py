@@ -20,6 +20,18 @@ def hit_uav() -> Path:
     return HIT_UAV
 
 
+@pytest.fixture(scope="session")
+def ssl_probe():
+    """``benchmarks/ssl_probe.py`` as a module: the stripes proxy task, a pre-training through the training loop and
+    the k-NN probe that the learning tests and the benchmark share."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ssl_probe", REPO / "benchmarks" / "ssl_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 _PILLOW_OPEN = __import__("PIL.Image", fromlist=["open"]).open
 
 

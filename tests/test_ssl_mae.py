@@ -1,4 +1,4 @@
-"""MAE (issue 7): masking, loss, norm-pix target, decoder isolation, timm export, learning probe."""
+"""MAE (issue 7): masking, loss, norm-pix target, decoder isolation, timm export, learning probe (k-NN)."""
 
 import math
 
@@ -175,7 +175,7 @@ def test_views_crop_flip_normalise_deterministically():
     assert 0.17 < min(areas) and max(areas) <= 1.0
 
 
-def test_learning_probe_a_few_steps_reduce_the_loss():
+def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
     m = tiny_mae(32, in_chans=1)
     g = torch.Generator().manual_seed(1)
     # a fixed batch with structure (smooth gradients) so there is something to learn
@@ -191,6 +191,29 @@ def test_learning_probe_a_few_steps_reduce_the_loss():
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_pretraining_beats_random_init_on_the_orientation_knn_probe(tmp_path, ssl_probe):
+    """300 MAE steps (ViT-Ti, 64 px, 2-block decoder, AdamW 1.5e-3) on 256 unlabelled stripe images make frozen
+    features classify held-out stripes by orientation (k-NN) clearly better than the random init: 0.87 vs 0.67 on
+    this machine. The same run on noise images (the control in benchmarks/results/ssl_probe-mae-*.json) reaches 0.54,
+    so the gain is learned from the images' structure; the control is not re-run here to keep the test short."""
+    import argparse
+    import copy
+    import json
+
+    probe = ssl_probe
+    args = argparse.Namespace(method="mae", model="vit_tiny_patch16_224", timm_kwargs="{}", seed=0, device="cpu",
+                              options=json.dumps({"decoder_depth": 2, "decoder_dim": 128, "decoder_heads": 4}),
+                              steps=300, batch=32, lr=1.5e-3, weight_decay=0.05, img_size=64)
+    images, _ = probe.stripe_images(256, 64, seed=0)
+    init, method, _losses = probe.pretrain(args, images, tmp_path / "mae")
+    random_init = copy.deepcopy(method.encoder())
+    random_init.load_state_dict(init)
+    train, test = probe.stripe_images(300, 64, seed=1), probe.stripe_images(300, 64, seed=2)
+    before = probe.knn_accuracy(random_init, "avg", "cpu", train, test)
+    after = probe.knn_accuracy(method.encoder(), "avg", "cpu", train, test)
+    assert after >= before + 0.1, (before, after)
 
 
 def test_runs_in_the_training_loop(tmp_path):

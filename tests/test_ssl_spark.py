@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sslrecipe.errors import RecipeError, SSLRecipeError
@@ -331,106 +330,28 @@ def test_official_drop_path_defaults_and_adamw_clipping():
 NARROW = {"channels": (16, 32, 64, 128), "stem_width": 16}  # resnet18's topology at a quarter of its widths
 
 
-def _probe_data(tmp_path):
-    """Object-vs-background 32x32 patches (upsampled to 64 px) from synthetic thermal scenes: objects centred,
-    backgrounds drawn where no box overlaps; images split even/odd into train/test."""
-    from PIL import Image
+@pytest.mark.parametrize("method, margin", [("spark", 0.03), ("hybrid", 0.05)])
+def test_pretraining_beats_random_init_on_the_orientation_knn_probe(tmp_path, ssl_probe, method, margin):
+    """150 steps (a quarter-width ResNet-18, 96-px images: a 3x3 mask grid, AdamW 1e-3, the official per-iteration
+    schedules) on 256 unlabelled stripe images make frozen features classify held-out stripes by orientation (k-NN,
+    every encoder's BatchNorm statistics re-estimated on the probe's training images, so the random init is not
+    judged with its 0/1 statistics) better than the random init. On this machine: random 0.79, SparK 0.85, hybrid
+    0.90; the same runs on noise images (the control, benchmarks/results/ssl_probe-*-resnet18*.json) do not gain,
+    so the margin is learned from the images' structure. The control is not re-run here to keep the test short."""
+    import argparse
+    import json
 
-    from sslrecipe.data.synth import generate_synthetic
-    from sslrecipe.ssl import views as V
-
-    ann = generate_synthetic(tmp_path / "synth", images=32, width=128, height=128, seed=0, objects_per_image=(3, 8))
-    coco = json.loads(ann.read_text())
-    boxes: dict = {}
-    for a in coco["annotations"]:
-        boxes.setdefault(a["image_id"], []).append(a["bbox"])
-    rng = np.random.default_rng(0)
-    pool, xs, ys, split = [], [], [], []
-    for k, im in enumerate(coco["images"]):
-        img = torch.from_numpy(np.asarray(Image.open(ann.parent / "images" / im["file_name"]), dtype=np.float32) / 255.0)[None]
-        pool.append(img)
-        bb = boxes.get(im["id"], [])
-        for x, y, w, h in bb:
-            t, left = min(max(int(y + h / 2) - 16, 0), 96), min(max(int(x + w / 2) - 16, 0), 96)
-            xs.append(img[:, t : t + 32, left : left + 32]), ys.append(1), split.append(k % 2)
-        found = 0
-        for _ in range(200):
-            if found >= len(bb):
-                break
-            t, left = int(rng.integers(0, 97)), int(rng.integers(0, 97))
-            if all(not (left < bx + bw and bx < left + 32 and t < by + bh and by < t + 32) for bx, by, bw, bh in bb):
-                xs.append(img[:, t : t + 32, left : left + 32]), ys.append(0), split.append(k % 2)
-                found += 1
-    x = V.normalize(F.interpolate(torch.stack(xs), size=64, mode="bilinear", align_corners=False))
-    return pool, x, torch.tensor(ys), np.array(split)
-
-
-def _finetune_accuracy(state, x, y, split, seed, steps=20, batch=16):
-    """Probe: fine-tune encoder + linear head briefly on the train images' patches; accuracy on the test images'."""
-    torch.manual_seed(seed)
-    enc = timm.create_model("resnet18", in_chans=1, num_classes=0, **NARROW)
-    enc.load_state_dict(state, strict=True)
-    head = nn.Linear(enc.num_features, 2)
-    opt = torch.optim.AdamW(list(enc.parameters()) + list(head.parameters()), lr=1e-3)
-    train, test = np.flatnonzero(split == 0), np.flatnonzero(split == 1)
-    g = np.random.default_rng(seed)
-    for _ in range(steps):
-        b = g.choice(train, batch)
-        loss = F.cross_entropy(head(enc(x[b])), y[b])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    enc.eval()
-    with torch.no_grad():
-        return float((head(enc(x[test])).argmax(1) == y[test]).float().mean())
-
-
-def _pretrain(method, pool, tmp_path, steps=40, **opts):
-    from sslrecipe.engine.events import EventLog
-    from sslrecipe.engine.loop import LoopSettings, TrainLoop
-    from sslrecipe.recipe.schema import PretrainConfig
-
-    torch.manual_seed(0)
-    m = create_method(method, "resnet18", 1, 64, {"decoder_width": 64, **opts}, NARROW)
-    init = copy.deepcopy(m.encoder().state_dict())
-
-    class Pool(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(pool)
-
-        def __getitem__(self, key):
-            i, seed = key
-            return m.views(pool[i], np.random.default_rng(seed))
-
-    cfg = PretrainConfig(method=method, steps=steps, batch_size=8, optimizer="adamw", betas=(0.9, 0.95), lr=2e-3,
-                         weight_decay=0.04)
-    settings = LoopSettings(stage="pretrain", stage_dir=tmp_path / method, stage_hash=method, optim=cfg, batch_size=8,
-                            total_steps=steps, seed=0, device=torch.device("cpu"), drop_last=True, collate_fn=m.collate,
-                            checkpoint_every=1000)
-    (tmp_path / method).mkdir()
-    TrainLoop(settings, m, m.param_groups(cfg.weight_decay), Pool(), lambda model, b: model(b),
-              EventLog(tmp_path / method / "e.jsonl"), after_step=m.after_step).run()
-    return init, copy.deepcopy(m.encoder().state_dict())
-
-
-def test_learning_probe_spark_and_hybrid_beat_random_init(tmp_path):
-    """A 40-step pre-training on 32 synthetic thermal scenes (a quarter-width ResNet-18 at 64 px, AdamW 2e-3,
-    the official per-iteration schedules) makes the encoder a better starting point than its random init for
-    object-vs-background patch classification (20 fine-tuning steps, mean of 2 seeds, held-out images).
-    The hybrid shares the random baseline (same seed, same initial weights) to keep the test short.
-
-    What this shows and what it does not: the margin includes the pre-trained BatchNorm running statistics (the
-    random init's are 0/1 and only partly adapt in 20 steps). With the statistics re-estimated on the probe's
-    training patches before evaluation, a control found no feature gain at this scale (40 steps, 32 scenes):
-    this test guards "pre-training leaves a usable, domain-adapted encoder", not "SparK learned better features"."""
-    pool, x, y, split = _probe_data(tmp_path)
-    init, spark_state = _pretrain("spark", pool, tmp_path)
-    _init_h, hybrid_state = _pretrain("hybrid", pool, tmp_path, proj_hidden_dim=256, proj_dim=64)
-    assert all(torch.equal(init[k], _init_h[k]) for k in init)  # the same random init
-    acc = {name: np.mean([_finetune_accuracy(s, x, y, split, seed) for seed in (0, 1)])
-           for name, s in (("random", init), ("spark", spark_state), ("hybrid", hybrid_state))}
-    assert acc["spark"] >= acc["random"] + 0.05, acc
-    assert acc["hybrid"] >= acc["random"] + 0.05, acc
+    options = {"decoder_width": 64} | ({"proj_hidden_dim": 256, "proj_dim": 64} if method == "hybrid" else {})
+    args = argparse.Namespace(method=method, model="resnet18", timm_kwargs=json.dumps(NARROW), seed=0, device="cpu",
+                              options=json.dumps(options), steps=150, batch=32, lr=1e-3, weight_decay=0.04, img_size=96)
+    images, _ = ssl_probe.stripe_images(256, 96, seed=0)
+    init, m, _losses = ssl_probe.pretrain(args, images, tmp_path / method)
+    random_init = copy.deepcopy(m.encoder())
+    random_init.load_state_dict(init)
+    train, test = ssl_probe.stripe_images(300, 96, seed=1), ssl_probe.stripe_images(300, 96, seed=2)
+    before = ssl_probe.knn_accuracy(random_init, "timm", "cpu", train, test)
+    after = ssl_probe.knn_accuracy(m.encoder(), "timm", "cpu", train, test)
+    assert after >= before + margin, (before, after)
 
 
 @pytest.mark.parametrize("method", ["spark", "hybrid"])
