@@ -193,6 +193,7 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_pretraining_beats_random_init_on_the_orientation_knn_probe(tmp_path, ssl_probe):
     """300 MAE steps (ViT-Ti, 64 px, 2-block decoder, AdamW 1.5e-3) on 256 unlabelled stripe images make frozen
     features classify held-out stripes by orientation (k-NN) clearly better than the random init: 0.87 vs 0.67 on

@@ -330,6 +330,7 @@ def test_official_drop_path_defaults_and_adamw_clipping():
 NARROW = {"channels": (16, 32, 64, 128), "stem_width": 16}  # resnet18's topology at a quarter of its widths
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, margin", [("spark", 0.03), ("hybrid", 0.05)])
 def test_pretraining_beats_random_init_on_the_orientation_knn_probe(tmp_path, ssl_probe, method, margin):
     """150 steps (a quarter-width ResNet-18, 96-px images: a 3x3 mask grid, AdamW 1e-3, the official per-iteration
