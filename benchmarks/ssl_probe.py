@@ -137,6 +137,17 @@ def knn_accuracy(encoder, pool: str, device: str, train, test, k: int = 10) -> f
     return float((votes.argmax(1) == test_y).float().mean())
 
 
+def probe_run(args, pool: str, train, test, run_dir: Path, control: bool = False) -> dict:
+    """One pre-training on ``args.images`` stripe (or control) images, then the k-NN of its random init and of the
+    pre-trained encoder: ``{"random": ..., "trained": ..., "losses": [(step, loss), ...]}``."""
+    images, _ = stripe_images(args.images, args.img_size, seed=0, control=control)
+    init, method, losses = pretrain(args, images, run_dir)
+    random_encoder = copy.deepcopy(method.encoder()).cpu()
+    random_encoder.load_state_dict(init)
+    return {"random": knn_accuracy(random_encoder, pool, args.device, train, test),
+            "trained": knn_accuracy(method.encoder(), pool, args.device, train, test), "losses": losses}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--method", required=True)
@@ -167,13 +178,9 @@ def main() -> None:
     runs = (("stripes", False), ("control", True))
     runs = runs[:1] if args.no_control else runs[1:] if args.control_only else runs
     for name, control in runs:
-        images, _ = stripe_images(args.images, args.img_size, seed=0, control=control)
-        init, method, losses = pretrain(args, images, tmp / name)
-        if "random" not in rows:
-            random_encoder = copy.deepcopy(method.encoder()).cpu()
-            random_encoder.load_state_dict(init)
-            rows["random"] = {"knn": knn_accuracy(random_encoder, pool, args.device, train, test)}
-        rows[name] = {"knn": knn_accuracy(method.encoder(), pool, args.device, train, test), "losses": losses[:: max(1, len(losses) // 20)]}
+        run = probe_run(args, pool, train, test, tmp / name, control)
+        rows.setdefault("random", {"knn": run["random"]})  # the same seed: the same random init for every run
+        rows[name] = {"knn": run["trained"], "losses": run["losses"][:: max(1, len(run["losses"]) // 20)]}
         print(name, json.dumps({k: v["knn"] for k, v in rows.items()}), flush=True)
     result = {
         "benchmark": "SSL learning probe: orientation k-NN on synthetic stripes, pre-trained vs random init vs noise control",
