@@ -1,8 +1,12 @@
 import os
-from pathlib import Path
 
-import pytest
-import torch
+# Before torch loads (OpenMP reads it once): idle threads sleep instead of spinning, as the CLI sets it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # One intra-op thread: on a 2-core machine shared with other work, OpenMP threads spinning against
 # each other make CPU steps 10x slower; one thread is never far from the best. Subprocesses inherit it.

@@ -11,7 +11,10 @@ import sys
 import click
 
 from sslrecipe import __version__
+from sslrecipe.engine.cpu_threads import set_default_wait_policy
 from sslrecipe.errors import SSLRecipeError
+
+set_default_wait_policy()  # before any command imports torch: OpenMP reads it once, at load
 
 
 class _FriendlyGroup(click.Group):

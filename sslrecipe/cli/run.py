@@ -30,6 +30,23 @@ def validate(recipe: str, overrides: tuple[str, ...], print_: bool) -> None:
         click.echo(f"{recipe}: valid")
 
 
+def _apply_wait_policy(target: str, overrides: tuple[str, ...]) -> None:
+    """runtime.omp_wait_policy must be in the environment before torch loads, so read it first.
+
+    A recipe that does not load is left for the run to report, with its full message.
+    """
+    from pathlib import Path
+
+    from sslrecipe.engine.cpu_threads import apply_wait_policy
+    from sslrecipe.errors import SSLRecipeError
+
+    path = Path(target) / "resolved.yaml" if Path(target).is_dir() else Path(target)
+    try:
+        apply_wait_policy(load_recipe(path, overrides).runtime.omp_wait_policy)
+    except SSLRecipeError:
+        pass
+
+
 @click.command()
 @click.argument("recipe", type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
@@ -47,6 +64,7 @@ def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, until: str
     Finished stages are skipped; an interrupted stage resumes from its last checkpoint.
     Ctrl-C stops gracefully with a checkpoint.
     """
+    _apply_wait_policy(recipe, overrides)
     from sslrecipe.engine.loop import Interrupted  # torch is imported only when a run starts
     from sslrecipe.engine.runner import run_recipe
 

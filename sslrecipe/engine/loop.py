@@ -290,10 +290,19 @@ class TrainLoop:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if _mps_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise StageError("runtime.device is 'cuda' but no CUDA device is available; use runtime.device: auto or cpu")
+    if name == "mps" and not _mps_available():
+        raise StageError("runtime.device is 'mps' but this torch has no usable Apple GPU (MPS); use runtime.device: auto or cpu")
     return torch.device(name)
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
 
 
 def resolve_precision(name: str, device: torch.device) -> str:

@@ -95,6 +95,7 @@ class Pipeline:
         until: Optional[str] = None,
         force: tuple[str, ...] = (),
         listeners: tuple[Callable[[dict], None], ...] = (),
+        run_info: Optional[dict] = None,
     ) -> dict[str, Path]:
         for name in (until, *force):
             if name is not None and name not in self.by_name:
@@ -108,7 +109,7 @@ class Pipeline:
         atomic_write_text(resolved, recipe_to_yaml(recipe))
         events.emit(
             "run_start", None, world_size=1, versions=_versions(), recipe=str(resolved), run_dir=str(run_dir.resolve()),
-            pid=os.getpid(), name=recipe.name,
+            pid=os.getpid(), name=recipe.name, **(run_info or {}),
         )
         started = time.time()
         done: dict[str, Path] = {}

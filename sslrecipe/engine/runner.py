@@ -10,6 +10,8 @@ import numpy as np
 import torch
 
 from sslrecipe.engine.console import ConsoleReporter
+from sslrecipe.engine.cpu_threads import apply_wait_policy, plan_threads
+from sslrecipe.engine.loop import resolve_device
 from sslrecipe.engine.pipeline import default_run_dir
 from sslrecipe.engine.stages import build_pipeline, publish
 from sslrecipe.recipe import Recipe, load_recipe
@@ -19,6 +21,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def configure_cpu(recipe: Recipe) -> dict:
+    """Apply the recipe's wait policy and thread count; returns what is in effect, for `run_start`."""
+    policy = apply_wait_policy(recipe.runtime.omp_wait_policy)
+    plan = plan_threads(recipe.runtime.threads, recipe.runtime.workers, resolve_device(recipe.runtime.device).type)
+    torch.set_num_threads(plan.threads)
+    return {"threads": plan.threads, "threads_from": plan.source, "workers": plan.workers,
+            "usable_cores": plan.cores, "omp_wait_policy": policy}
 
 
 def resolve_run_target(target: str | Path, run_dir: Optional[str | Path]) -> tuple[Path, Optional[Path]]:
@@ -64,14 +75,14 @@ def run_recipe(
         from sslrecipe.errors import RecipeError
 
         raise RecipeError("--cell names a matrix cell, but this recipe has no matrix:")
-    if recipe.runtime.threads:
-        torch.set_num_threads(recipe.runtime.threads)
+    run_info = configure_cpu(recipe)
     seed_everything(recipe.seed)
     target = chosen_dir or default_run_dir(recipe)
     reporter = ConsoleReporter(progress or recipe.runtime.progress) if progress != "off" else None
     all_listeners = tuple(listeners) + ((reporter,) if reporter else ())
     try:
-        done = build_pipeline().run(recipe, target, until=until, force=tuple(force), listeners=all_listeners)
+        done = build_pipeline().run(recipe, target, until=until, force=tuple(force), listeners=all_listeners,
+                                    run_info=run_info)
     finally:
         if reporter:
             reporter.close()

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 
 from sslrecipe.engine.checkpoint import atomic_write_text
+from sslrecipe.engine.cpu_threads import plan_threads
 from sslrecipe.engine.loop import LoopSettings, TrainLoop, resolve_device, resolve_precision
 from sslrecipe.engine.pipeline import Pipeline, Stage, StageContext
 from sslrecipe.errors import DataError, SSLRecipeError
@@ -79,6 +80,11 @@ def read_manifest(data_dir: Path) -> dict[str, Any]:
 def _device_precision(recipe: Recipe) -> tuple[torch.device, str]:
     device = resolve_device(recipe.runtime.device)
     return device, resolve_precision(recipe.runtime.precision, device)
+
+
+def _loader_workers(recipe: Recipe, device: torch.device) -> int:
+    """`runtime.workers`, or the count chosen with the threads from the usable cores when null."""
+    return plan_threads(recipe.runtime.threads, recipe.runtime.workers, device.type).workers
 
 
 def _total_steps(steps: Optional[int], epochs: Optional[int], n: int, batch_size: int, accumulate: int, drop_last: bool) -> int:
@@ -295,7 +301,7 @@ def _pretrain(ctx: StageContext, p, key: str) -> dict:
     total = _total_steps(p.steps, p.epochs, len(dataset), p.batch_size, p.accumulate, drop_last=True)
     settings = LoopSettings(
         stage=ctx.name, stage_dir=ctx.stage_dir, stage_hash=ctx.stage_hash, optim=p, batch_size=p.batch_size,
-        total_steps=total, seed=recipe.seed, device=device, precision=precision, workers=recipe.runtime.workers,
+        total_steps=total, seed=recipe.seed, device=device, precision=precision, workers=_loader_workers(recipe, device),
         checkpoint_every=recipe.runtime.checkpoint_every, drop_last=True, collate_fn=method.collate,
     )
     torch.manual_seed(recipe.seed)
@@ -414,7 +420,7 @@ def _run_finetune_yolo(ctx: StageContext) -> dict:
     img_size = _finetune_img_size(ctx, sets["train"][0])
     spec = finetune_yolo(ctx.stage_dir, sets["train"], sets.get("val"), ctx.upstream["weights"], epochs=epochs,
                          img_size=img_size, batch_size=f.batch_size, lr=f.peak_lr(f.batch_size), seed=recipe.seed,
-                         device="cpu" if device.type == "cpu" else str(device.index or 0), workers=recipe.runtime.workers,
+                         device=device.type if device.type in ("cpu", "mps") else str(device.index or 0), workers=_loader_workers(recipe, device),
                          width=f.yolo_width)
     ctx.metric("finetune/yolo_backbone_tensors_verified", spec["backbone_verified"])
     return {"detector": "yolo", "epochs": epochs, "backbone_verified": spec["backbone_verified"], "img_size": img_size}
@@ -473,7 +479,7 @@ def run_finetune(ctx: StageContext) -> dict:
     total = _total_steps(f.steps, f.epochs, len(dataset), f.batch_size, f.accumulate, drop_last=False)
     settings = LoopSettings(
         stage="finetune", stage_dir=ctx.stage_dir, stage_hash=ctx.stage_hash, optim=optim, batch_size=f.batch_size,
-        total_steps=total, seed=recipe.seed, device=device, precision=precision, workers=recipe.runtime.workers,
+        total_steps=total, seed=recipe.seed, device=device, precision=precision, workers=_loader_workers(recipe, device),
         checkpoint_every=recipe.runtime.checkpoint_every, collate_fn=collate_detection,
     )
 
@@ -533,7 +539,7 @@ def run_evaluate(ctx: StageContext) -> dict:
         detections = predict_yolo(model, coco, Path(entry["image_root"]), spec["img_size"],
                                   {int(k): v for k, v in spec["label_to_category"].items()}, e.score_threshold,
                                   max_det=recipe.finetune.max_detections,
-                                  device="cpu" if device.type == "cpu" else str(device.index or 0))
+                                  device=device.type if device.type in ("cpu", "mps") else str(device.index or 0))
         full = evaluate_full(coco, detections, e.max_dets)
         result = ModelEvaluation(full.metrics, detections, full.curves)
     else:

@@ -298,10 +298,11 @@ class ReportConfig(Section):
 class RuntimeConfig(Section):
     """Where and how to compute."""
 
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto = cuda when available, else mps (Apple GPUs), else cpu.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Autocast precision; auto = bf16 on a GPU that has it, else fp32.")
-    workers: int = Field(2, ge=0, description="Data-loading worker processes.")
-    threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch; null = torch's default.")
+    workers: Optional[int] = Field(None, ge=0, le=64, description="Data-loading worker processes; null = chosen with `threads` from the usable cores (none on a CPU below 4 cores).")
+    threads: Optional[int] = Field(None, ge=1, le=1024, description="CPU threads for torch; null = an exported OMP_NUM_THREADS (torchrun sets one), else this process's share of the usable cores (affinity and cgroup quota).")
+    omp_wait_policy: Literal["auto", "passive", "active"] = Field("auto", description="OpenMP's wait policy (read once, when torch loads): passive idle threads sleep, active ones spin. auto = an exported OMP_WAIT_POLICY, else passive; active only on a machine dedicated to this run.")
     checkpoint_every: int = Field(50, ge=1, description="Write a resumable checkpoint every N optimizer steps (and at each stage end).")
     progress: Literal["auto", "rich", "plain"] = Field("auto", description="Progress display: rich bar on a terminal, plain lines otherwise.")
 
