@@ -96,7 +96,12 @@ class Pipeline:
         force: tuple[str, ...] = (),
         listeners: tuple[Callable[[dict], None], ...] = (),
         run_info: Optional[dict] = None,
+        stage_root: Optional[Path] = None,
+        forced: Optional[set] = None,
     ) -> dict[str, Path]:
+        """`stage_root`: where the stage directories live (default: the run directory); the cells of a matrix
+        share one, so a stage that several cells need runs once. `forced`: stage directories that `force` already
+        reran in this invocation (shared by a matrix's cells, so a shared stage is forced once); updated."""
         for name in (until, *force):
             if name is not None and name not in self.by_name:
                 raise SSLRecipeError(f"unknown stage {name!r}; stages are: {', '.join(self.by_name)}")
@@ -134,9 +139,11 @@ class Pipeline:
                         }
                     )
                     hashes[stage.name] = stage_hash
-                    stage_dir = run_dir / f"{stage.name}-{stage_hash}"
-                    if forcing and stage_dir.exists():
+                    stage_dir = Path(stage_root or run_dir) / f"{stage.name}-{stage_hash}"
+                    if forcing and stage_dir.exists() and stage_dir not in (forced or ()):
                         shutil.rmtree(stage_dir)
+                    if forcing and forced is not None:
+                        forced.add(stage_dir)
                     if (stage_dir / DONE_NAME).is_file():
                         events.emit("stage_cached", stage.name, dir=str(stage_dir), hash=stage_hash)
                     else:

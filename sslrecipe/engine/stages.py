@@ -33,6 +33,18 @@ def _dump(model) -> Any:
     return model.model_dump(mode="json") if model is not None and hasattr(model, "model_dump") else model
 
 
+def _dump_hashed(model, added: tuple[str, ...] = ()) -> Any:
+    """A section for a stage hash, without keys added after runs existed while they are null (their default),
+    so older run directories keep their stage hashes and resume."""
+    data = _dump(model)
+    return {k: v for k, v in data.items() if not (k in added and v is None)}
+
+
+def finetune_seed(recipe: Recipe) -> int:
+    """The seed of fine-tuning alone: `finetune.seed`, or the recipe's `seed` when null."""
+    return recipe.seed if recipe.finetune.seed is None else recipe.finetune.seed
+
+
 def _labeled_source(recipe: Recipe, value) -> Optional[LabeledSource]:
     if value is None:
         return None
@@ -134,9 +146,10 @@ def run_data(ctx: StageContext) -> dict:
     pool_images = [str(Path(splits["train"][1]) / im["file_name"]) for im in splits["train"][0]["images"]]
     train, root = splits["train"]
     if d.shots is not None:
-        train = sample_shots(train, d.shots, seed=recipe.seed)
+        shots_seed = recipe.seed if d.shots_seed is None else d.shots_seed
+        train = sample_shots(train, d.shots, seed=shots_seed)
         ids = sorted(im["id"] for im in train["images"])
-        atomic_write_text(out / "shots.json", json.dumps({"shots": d.shots, "seed": recipe.seed, "image_ids": ids}, indent=1))
+        atomic_write_text(out / "shots.json", json.dumps({"shots": d.shots, "seed": shots_seed, "image_ids": ids}, indent=1))
         if len(ids) < d.shots:
             ctx.warn(f"data.shots is {d.shots} but the training set has only {len(ids)} images; using all of them")
         splits["train"] = (train, root)
@@ -382,7 +395,7 @@ def _datasets(ctx: StageContext, split: str, train: bool, masks: bool = False):
     if masks:
         from sslrecipe.detect.masks import MaskDetectionDataset as cls  # checks that the data has masks
     ds = cls(coco, Path(entry["image_root"]), ctx.recipe.backbone.in_chans, train=train,
-             hflip=ctx.recipe.finetune.hflip, seed=ctx.recipe.seed, normalize=manifest.get("normalization"))
+             hflip=ctx.recipe.finetune.hflip, seed=finetune_seed(ctx.recipe), normalize=manifest.get("normalization"))
     return coco, ds, Path(entry["image_root"])
 
 
@@ -419,7 +432,7 @@ def _run_finetune_yolo(ctx: StageContext) -> dict:
     epochs = f.epochs or 1
     img_size = _finetune_img_size(ctx, sets["train"][0])
     spec = finetune_yolo(ctx.stage_dir, sets["train"], sets.get("val"), ctx.upstream["weights"], epochs=epochs,
-                         img_size=img_size, batch_size=f.batch_size, lr=f.peak_lr(f.batch_size), seed=recipe.seed,
+                         img_size=img_size, batch_size=f.batch_size, lr=f.peak_lr(f.batch_size), seed=finetune_seed(recipe),
                          device=device.type if device.type in ("cpu", "mps") else str(device.index or 0), workers=_loader_workers(recipe, device),
                          width=f.yolo_width)
     ctx.metric("finetune/yolo_backbone_tensors_verified", spec["backbone_verified"])
@@ -468,7 +481,7 @@ def run_finetune(ctx: StageContext) -> dict:
         "trainable_stages": f.trainable_stages, "max_detections": f.max_detections, "fpn_channels": f.fpn_channels,
         "rois_per_image": f.rois_per_image, "detector": f.detector, "mask_channels": f.mask_channels,
     }
-    torch.manual_seed(recipe.seed)
+    torch.manual_seed(finetune_seed(recipe))
     model = build_detector_from(spec, ctx.upstream["weights"])
     family = encoder_family(model.backbone.body.encoder)
     layer_decay = f.layer_decay if f.layer_decay is not None else survey_schedule(family)["layer_decay"]
@@ -479,7 +492,7 @@ def run_finetune(ctx: StageContext) -> dict:
     total = _total_steps(f.steps, f.epochs, len(dataset), f.batch_size, f.accumulate, drop_last=False)
     settings = LoopSettings(
         stage="finetune", stage_dir=ctx.stage_dir, stage_hash=ctx.stage_hash, optim=optim, batch_size=f.batch_size,
-        total_steps=total, seed=recipe.seed, device=device, precision=precision, workers=_loader_workers(recipe, device),
+        total_steps=total, seed=finetune_seed(recipe), device=device, precision=precision, workers=_loader_workers(recipe, device),
         checkpoint_every=recipe.runtime.checkpoint_every, collate_fn=collate_detection,
     )
 
@@ -599,10 +612,17 @@ def _pool_fingerprint(r: Recipe) -> dict:
             "unlabeled": _path_fingerprint(r.data.unlabeled) if isinstance(r.data.unlabeled, str) else None}
 
 
+def _data_config(r: Recipe) -> dict:
+    data = _dump_hashed(r.data, ("shots_seed",))
+    if data.get("shots_seed") == r.seed:  # the same subset as the default: the same stage
+        del data["shots_seed"]
+    return {"data": data, "seed": r.seed, "eval_split": r.evaluate.split}
+
+
 def build_pipeline() -> Pipeline:
     return Pipeline(
         [
-            Stage("data", (), lambda r: {"data": _dump(r.data), "seed": r.seed, "eval_split": r.evaluate.split}, run_data,
+            Stage("data", (), _data_config, run_data,
                   fingerprint=lambda r: {"labeled": _labeled_fingerprint(r),
                                          "unlabeled": _path_fingerprint(r.data.unlabeled) if isinstance(r.data.unlabeled, str) else None}),
             # pre-training hashes the pool definition, never data.shots: shot changes reuse it
@@ -620,8 +640,9 @@ def build_pipeline() -> Pipeline:
             Stage("weights", ("pretrain",), lambda r: {"weights": _dump(r.weights), "backbone": _dump(r.backbone),
                                                        "seed": r.seed if r.weights.source == "scratch" else None}, run_weights),
             Stage("finetune", ("data", "weights"),
-                  lambda r: {"finetune": _dump(r.finetune), "in_chans": r.backbone.in_chans, "seed": r.seed,
-                             "precision": r.runtime.precision}, run_finetune),
+                  lambda r: {"finetune": {k: v for k, v in _dump(r.finetune).items() if k != "seed"},
+                             "in_chans": r.backbone.in_chans, "seed": finetune_seed(r), "precision": r.runtime.precision},
+                  run_finetune),
             Stage("evaluate", ("data", "finetune"), lambda r: {"evaluate": _dump(r.evaluate)}, run_evaluate),
             Stage("report", ("data", "evaluate"), lambda r: {"report": _dump(r.report), "name": r.name}, run_report),
         ]

@@ -96,6 +96,10 @@ class DataConfig(Section):
     shots: Optional[int] = Field(
         None, ge=1, description="Use only this many labeled training images (seeded; every class kept where possible). null = all."
     )
+    shots_seed: Optional[int] = Field(
+        None, ge=0, description="Seed that picks the `shots` images; null = the recipe's `seed`. Only the few-shot "
+        "subset depends on it (pre-training is reused): a matrix axis over it resamples the labeled subset."
+    )
     split: tuple[float, float, float] = Field(
         (0.6, 0.2, 0.2),
         description="train/val/test fractions used when only one labeled set is given (`train` or `synthetic`); the survey's 60:20:20.",
@@ -230,6 +234,10 @@ class FinetuneConfig(OptimConfig):
     """Detector fine-tuning on the labeled training set."""
 
     detector: Literal["faster_rcnn", "mask_rcnn", "yolo"] = Field("faster_rcnn", description="Detector architecture.")
+    seed: Optional[int] = Field(
+        None, ge=0, description="Seed of fine-tuning alone (detector head init, data order, augmentation); null = the "
+        "recipe's `seed`. Changing it reruns fine-tuning only, on the same pre-training and labeled subset (`matrix.seeds`)."
+    )
     epochs: Optional[int] = Field(12, ge=1, description="Epochs over the (few-shot) training set.")
     steps: Optional[int] = Field(None, ge=1, description="Optimizer steps; overrides `epochs`.")
     batch_size: int = Field(8, ge=1, description="Images per batch (global).")
@@ -319,6 +327,14 @@ class MatrixConfig(Section):
 
     axes: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted key -> values; the cartesian product makes the cells.")
     arms: list[MatrixArm] = Field(default_factory=list, description="Named variants, each crossed with `axes` (e.g. the advised method and its baseline).")
+    seeds: int = Field(
+        1, ge=1, le=100, description="Repeat each cell's fine-tuning with this many seeds (`finetune.seed` = its seed, "
+        "+1, ...) on the same pre-training and labeled subset; the comparison shows mean ± std."
+    )
+    baseline: Optional[str] = Field(
+        None, description="Arm the comparison's deltas are taken against; null = the arm whose name starts with "
+        "'baseline' when there is exactly one."
+    )
 
 
 class Recipe(Section):
