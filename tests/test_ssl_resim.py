@@ -12,7 +12,15 @@ from torchvision.ops import roi_align
 
 from sslrecipe.errors import RecipeError, SSLRecipeError
 from sslrecipe.ssl.registry import create_method
-from sslrecipe.ssl.resim import FPN_FILE, OPTIM_DEFAULTS, fpn_state_for_torchvision, load_fpn, map_windows, window_grid
+from sslrecipe.ssl.resim import (
+    FPN_FILE,
+    OPTIM_DEFAULTS,
+    fpn_state_for_torchvision,
+    load_fpn,
+    map_windows,
+    prroi_pool,
+    window_grid,
+)
 
 
 def tiny_resim(img_size=64, in_chans=1, **opts):
@@ -29,6 +37,42 @@ def smooth_image(c, h, w, seed):
 def box_means(img, boxes):
     rois = torch.cat([torch.zeros(len(boxes), 1), torch.as_tensor(boxes, dtype=torch.float32)], 1)
     return roi_align(img[None].float(), rois, 1, spatial_scale=1.0, sampling_ratio=16, aligned=True).flatten(1)
+
+
+def prroi_reference(maps, box, scale, samples=600):
+    """PrRoIPool (1x1) by numerical quadrature, written independently of the code: the mean over a fine midpoint
+    grid of the bilinear interpolant with cell j at coordinate j and 0 outside the map (the CUDA GetData)."""
+    x0, y0, x1, y1 = (float(v) * scale for v in box)
+    h, w = maps.shape[-2:]
+
+    def hat_means(lo, hi, n):  # mean over the samples of max(0, 1 - |s - j|), per cell j
+        s = lo + (torch.arange(samples, dtype=torch.float64) + 0.5) * (hi - lo) / samples
+        return (1 - (s[:, None] - torch.arange(n, dtype=torch.float64)).abs()).clamp_min(0).mean(0)
+
+    return torch.einsum("h,chw,w->c", hat_means(y0, y1, h), maps.double(), hat_means(x0, x1, w))
+
+
+def test_region_pooling_is_prroipool_not_roi_align():
+    """The official ReSim pools with PrRoIPool (exact box integral, no half-cell offset); ours must match it."""
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randn(2, 16, 14, 14, generator=g)
+    boxes = torch.tensor([[[0.0, 0, 48, 48], [32, 64, 80, 112], [150.5, 170.25, 224, 224], [5, 7, 19, 21]],
+                          [[200, 3, 224, 51], [17.3, 41.9, 90.2, 77.7], [100, 100, 110, 104], [0, 0, 224, 224]]])
+    got = prroi_pool(maps, boxes, 1 / 16)  # (B, n, C)
+    ref = torch.stack([torch.stack([prroi_reference(maps[b], boxes[b, i], 1 / 16) for i in range(4)]) for b in range(2)])
+    assert (got.double() - ref).abs().max() < 1e-4  # includes boxes reaching the far edge and narrower than a cell
+    rois = torch.cat([torch.arange(2.0).repeat_interleave(4)[:, None], boxes.reshape(-1, 4)], 1)
+    ours = got.reshape(8, -1).double()
+    shifted = roi_align(maps, rois, 1, 1 / 16, 8, aligned=True).flatten(1).double()  # the half-cell offset
+    assert (shifted - ref.reshape(8, -1)).abs().max() > 0.1 and (shifted - ours).abs().max() > 0.1
+    sampled = roi_align(maps, rois, 1, 1 / 16, 8, aligned=False).flatten(1).double()  # sampled, clamped at the edge
+    assert (sampled - ref.reshape(8, -1)).abs().max() > 1e-2
+    # gradients reach exactly the cells under the box (and their hats)
+    m = maps[:1].clone().requires_grad_(True)
+    prroi_pool(m, torch.tensor([[[16.0, 16, 48, 48]]]), 1 / 16).sum().backward()
+    touched = m.grad[0, 0].nonzero()
+    assert touched.min().item() == 1 and touched.max().item() == 3
+    assert prroi_pool(maps, torch.tensor([[[5.0, 5, 5, 9]]] * 2), 1 / 16).abs().max() == 0  # empty box -> 0
 
 
 def test_window_grid_is_the_official_one():
@@ -104,8 +148,8 @@ def test_region_loss_uses_every_pooled_key_cell_as_negative_and_ignores_invalid_
         for w in range(2):
             if not valid[b, w]:
                 continue
-            q = F.normalize(roi_align(fq, torch.cat([torch.tensor([[float(b)]]), boxes_q[w:w + 1]], 1), 1, 1.0, 8, True).flatten(), dim=0)
-            k = F.normalize(roi_align(fk, torch.cat([torch.tensor([[float(b)]]), boxes_k[b, w:w + 1]], 1), 1, 1.0, 8, True).flatten(), dim=0)
+            q = F.normalize(prroi_reference(fq[b], boxes_q[w], 1.0).float(), dim=0)
+            k = F.normalize(prroi_reference(fk[b], boxes_k[b, w], 1.0).float(), dim=0)
             logits = torch.cat([(q @ k)[None], negs @ q]) / 0.2
             terms.append(-F.log_softmax(logits, 0)[0])
     assert torch.allclose(got, torch.stack(terms).mean(), atol=1e-5)

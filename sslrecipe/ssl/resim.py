@@ -40,10 +40,12 @@ Mapping to the official code (reference: ../shared/reference/ssl-methods.md §4;
 
 Simplifications and deviations (also in docs/methods.md, section "ReSim"):
 
-- region features use ``torchvision.ops.roi_align`` (1x1 output, ``aligned=True``, 8x8 samples per box) instead of
-  the official **PrRoIPool** CUDA extension (an exact integral of the bilinearly interpolated map over the box). The
-  sampled average approximates that integral; ``aligned=True`` puts feature cell ``i`` at the centre of the pixels it
-  covers, whereas PrRoIPool (no half-cell offset) reads every box half a cell (8 px at P4) down-right of it;
+- region features are the official **PrRoIPool** (1x1 output: the exact integral of the bilinearly interpolated
+  map over the box, divided by its area, no half-cell offset, the map taken as 0 beyond its last cell), computed
+  in closed form by :func:`prroi_pool` instead of the CUDA extension (same value to float rounding, on any
+  device). ``torchvision.ops.roi_align`` does not reproduce it: ``aligned=True`` reads every box half a cell
+  up-left of PrRoIPool, and even ``aligned=False`` averages a few samples (error ~1e-2 on rough maps), clamps the
+  map instead of fading it to 0 past the last cell, and widens boxes narrower than one cell;
 - shuffle-BN (``_batch_shuffle_ddp``) needs several GPUs; in one process the effect is emulated with
   ``shuffle_bn_splits`` groups (default 2): the query batch runs through the query encoder in that many chunks
   (BatchNorm statistics per chunk, as per-GPU BN does) and the key batch is randomly permuted, run in chunks
@@ -93,8 +95,6 @@ P4_WINDOWS = (48, 32)
 P3_WINDOWS = (32, 24)
 #: The FPN's file beside encoder.safetensors.
 FPN_FILE = "encoder_fpn.safetensors"
-#: Samples per axis of roi_align's average (PrRoIPool integrates exactly; see the module docstring).
-ROI_SAMPLES = 8
 
 
 class ReSimOptions(BaseModel):
@@ -153,6 +153,34 @@ def map_windows(windows_q: np.ndarray, box_q: V.Box, box_k: V.Box, img_size: int
     boxes = np.stack([kx0, ky0, kx1, ky1], axis=1)
     boxes[~valid] = (0.0, 0.0, 1.0, 1.0)
     return boxes.astype(np.float32), valid
+
+
+def _hat_cdf(t: torch.Tensor) -> torch.Tensor:
+    """``integral_{-inf}^{t} max(0, 1 - |x|) dx``: the area under one bilinear "hat" up to ``t``."""
+    t = t.clamp(-1.0, 1.0)
+    return torch.where(t < 0, 0.5 * (t + 1) ** 2, 1 - 0.5 * (1 - t) ** 2)
+
+
+def prroi_pool(maps: torch.Tensor, boxes: torch.Tensor, scale: float) -> torch.Tensor:
+    """PrRoIPool with a 1x1 output (``prroi_pool2d(maps, rois, 1, 1, scale)`` of ReSim's ``lib/prroi_pool``).
+
+    ``maps`` (B, C, H, W); ``boxes`` (B, n, 4) as ``x0, y0, x1, y1`` in input pixels, ``n`` boxes per image.
+    Returns (B, n, C): the integral of the bilinear interpolant of each map over ``boxes * scale`` (cell ``j`` sits
+    at coordinate ``j``; no half-cell offset; values outside the map are 0, as the extension's ``GetData``),
+    divided by the box area (0 for an empty box, as the extension). The interpolant is separable, so the
+    integral is ``sum_ij F[i, j] wy_i wx_j`` with ``w_j`` the exact integral of cell ``j``'s hat over the box.
+    """
+    h, w = maps.shape[-2:]
+    bx = boxes.to(maps.dtype) * scale
+    x0, y0, x1, y1 = bx.unbind(-1)
+    cells_x = torch.arange(w, dtype=maps.dtype, device=maps.device)
+    cells_y = torch.arange(h, dtype=maps.dtype, device=maps.device)
+    wx = _hat_cdf(x1[..., None] - cells_x) - _hat_cdf(x0[..., None] - cells_x)  # (B, n, W)
+    wy = _hat_cdf(y1[..., None] - cells_y) - _hat_cdf(y0[..., None] - cells_y)  # (B, n, H)
+    weights = (wy[..., :, None] * wx[..., None, :]).flatten(-2)  # (B, n, H*W)
+    total = torch.bmm(weights, maps.flatten(2).transpose(1, 2))  # (B, n, C)
+    area = ((x1 - x0).clamp_min(0) * (y1 - y0).clamp_min(0))[..., None]
+    return torch.where(area > 0, total / area.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(total))
 
 
 # --------------------------------------------------------------------------- model parts
@@ -343,20 +371,15 @@ class ReSim(SSLMethod):
     def region_loss(self, fq: torch.Tensor, fk: torch.Tensor, boxes_q: torch.Tensor, boxes_k: torch.Tensor,
                     valid: torch.Tensor, scale: float) -> torch.Tensor:
         """Region InfoNCE at one level: positive = the key's mapped window, negatives = all 3x3-pooled key cells."""
-        from torchvision.ops import roi_align
-
         b, n = valid.shape
-        img_idx = torch.arange(b, device=fq.device, dtype=torch.float32).repeat_interleave(n)
         keep = valid.reshape(-1)
         if not bool(keep.any()):
             return fq.float().sum() * 0.0  # no window overlaps any key view (officially a NaN mean)
-        rois_q = torch.cat([img_idx[:, None], boxes_q.float().expand(b, n, 4).reshape(-1, 4)], 1)[keep]
-        rois_k = torch.cat([img_idx[:, None], boxes_k.float().reshape(-1, 4)], 1)[keep]
-        # torchvision roi_align stands in for the official PrRoIPool (exact box integral); see the module docstring
-        q = roi_align(fq.float(), rois_q, 1, spatial_scale=scale, sampling_ratio=ROI_SAMPLES, aligned=True).flatten(1)
+        # rows are image-major, window-minor, as the official RoI list
+        q = prroi_pool(fq.float(), boxes_q.float().expand(b, n, 4), scale).reshape(b * n, -1)[keep]
         q = F.normalize(q, dim=1)
         with torch.no_grad():
-            k = roi_align(fk.float(), rois_k, 1, spatial_scale=scale, sampling_ratio=ROI_SAMPLES, aligned=True).flatten(1)
+            k = prroi_pool(fk.float(), boxes_k.float().reshape(b, n, 4), scale).reshape(b * n, -1)[keep]
             k = F.normalize(k, dim=1)
             neg = F.normalize(F.avg_pool2d(fk.float(), 3, stride=1, padding=0), dim=1)
             neg = neg.transpose(0, 1).reshape(neg.shape[1], -1)  # (C, B*h*w): every cell of every image
