@@ -221,18 +221,39 @@ def test_spark_withdecoder_and_timm_style(tmp_path, r18):
     assert _same(convert_file(plain, "resnet18", layout="spark").state_dict, r18)
 
 
-def test_leopart_keeps_the_teacher(tmp_path, vit):
-    student = _noise_like(vit, 13)
-    sd = {f"model.{k}": v for k, v in student.items()}
-    sd.update({f"teacher.{k}": v for k, v in vit.items()})
-    sd.update({"model.head.0.weight": torch.randn(2048, 192), "model.prototypes.weight": torch.randn(300, 256),
-               "teacher.prototypes.weight": torch.randn(300, 256)})
+def _leopart_checkpoint(student: dict, teacher: dict) -> dict:
+    """Keys as the official Leopart module's state_dict: ``teacher`` is registered before ``model`` (``self.teacher``
+    is set inside ``init_model``), each a ViT plus ``projection_head`` (MLP) and ``prototypes``."""
+    out = {}
+    for prefix, vit_sd, seed in (("teacher.", teacher, 21), ("model.", student, 22)):
+        g = torch.Generator().manual_seed(seed)
+        out.update({f"{prefix}{k}": v for k, v in vit_sd.items()})
+        out.update({f"{prefix}projection_head.0.weight": torch.randn(2048, 192, generator=g),
+                    f"{prefix}projection_head.0.bias": torch.randn(2048, generator=g),
+                    f"{prefix}projection_head.2.weight": torch.randn(256, 2048, generator=g),
+                    f"{prefix}prototypes.weight": torch.randn(300, 256, generator=g)})
+    return out
+
+
+@pytest.mark.parametrize("lightning", [False, True])
+def test_leopart_keeps_the_student_as_the_official_evaluation(tmp_path, vit, lightning):
+    """Leopart's evaluation (``get_backbone_weights(..., 'ours')``: keys starting with 'model') and its README
+    snippet (first key component stripped, so ``model.*`` written last wins) use the student, not the EMA teacher."""
+    teacher = _noise_like(vit, 13)
+    sd = _leopart_checkpoint(student=vit, teacher=teacher)
+    # the released file is flat (the README loads it directly); a training checkpoint is Lightning's
+    obj = {"epoch": 49, "global_step": 1000, "state_dict": sd, "optimizer_states": [], "lr_schedulers": []} if lightning else sd
     path = tmp_path / "leopart_vits16.ckpt"
-    torch.save(sd, path)
+    torch.save(obj, path)
     conv = convert_file(path, VIT)
-    assert conv.layout == "leopart" and conv.prefix == "teacher."
-    assert _same(conv.state_dict, vit) and conv.unexpected == []
-    assert conv.dropped["student (teacher kept)"] == len(student)
+    assert conv.layout == "leopart" and conv.prefix == "model."
+    assert _same(conv.state_dict, vit) and not _same(conv.state_dict, teacher) and conv.unexpected == []
+    assert conv.dropped["EMA teacher (student kept)"] == len(teacher)
+    assert conv.dropped["projection head / prototypes"] == 8  # both heads and both prototype layers
+    assert any("kept the student" in n for n in conv.notes)
+    # the README's own loading gives the same tensors
+    readme = {".".join(k.split(".")[1:]): v for k, v in sd.items()}
+    assert all(torch.equal(conv.state_dict[k], readme[k]) for k in vit)
 
 
 def test_timm_safetensors_with_wrapper_prefix(tmp_path, vit):

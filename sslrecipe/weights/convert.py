@@ -15,7 +15,8 @@ Layouts (``--from``):
 ``resim``       ReSim's MoCo checkpoint: as ``moco``, also drops the in-backbone FPN (``fpn_*``)
 ``mae``         ``{"model": ...}`` with or without the decoder: drops ``decoder_*`` and ``mask_token``
 ``spark``       timm-style backbone, or the "withdecoder" file (``module`` -> ``sparse_encoder.sp_cnn.``)
-``leopart``     flat state dict with ``model.``/``teacher.`` prefixes: keeps the teacher, drops head/prototypes
+``leopart``     ``model.`` (student) / ``teacher.`` prefixes, flat or under Lightning's ``state_dict``: keeps the
+                student (``model.``), as the official evaluation and README do; drops head and prototypes
 ``timm``        timm key names (any wrapper prefix such as ``module.`` is stripped)
 ``torchvision`` torchvision ResNets (same names as timm) and ViTs (``conv_proj``, ``encoder.layers``)
 ``detectron2``  detectron2 ResNets (``stem.conv1``, ``res2``..``res5``, numpy arrays), e.g. ReSim's backbone file
@@ -226,7 +227,7 @@ _PREFIXES: dict[str, tuple[str, ...]] = {
     "resim": ("module.encoder_q.", "encoder_q.", "module.", ""),
     "mae": ("module.", ""),
     "spark": ("sparse_encoder.sp_cnn.", "module.sparse_encoder.sp_cnn.", "module.", ""),
-    "leopart": ("teacher.", "model.", "student.", "module.", ""),
+    "leopart": ("model.", "student.", "teacher.", "module.", ""),  # the student first: what Leopart evaluates
     "timm": ("", "module.", "_orig_mod.", "model.", "backbone.", "encoder.", "module.backbone.", "trunk."),
     "torchvision": ("", "module.", "backbone.body.", "body.", "backbone."),
     "detectron2": ("", "backbone.bottom_up.", "module."),
@@ -465,14 +466,16 @@ def convert_state(
     conv.prefix = prefix
     if prefix:
         conv.notes.append(f"took the weights under `{prefix}`")
-    if detected == "leopart" and prefix == "teacher." and any(k.startswith(("model.", "student.")) for k in flat):
-        conv.notes.append("the checkpoint holds a student (model.) and a teacher: kept the teacher")
+    leopart_pair = detected == "leopart" and prefix in ("model.", "student.") and any(k.startswith("teacher.") for k in flat)
+    if leopart_pair:
+        conv.notes.append(f"the checkpoint holds a student ({prefix}) and a teacher (teacher.): kept the student, "
+                          "as Leopart's evaluation (keys starting with 'model') and README do")
 
     # keys outside the chosen sub-network: deliberate drops (or the other network of a pair)
     for k in outside:
         reason = _drop_reason(k)
-        if reason is None and prefix in ("teacher.",) and k.startswith(("model.", "student.")):
-            reason = "student (teacher kept)"
+        if reason is None and leopart_pair and k.startswith("teacher."):
+            reason = "EMA teacher (student kept)"
         if reason is None and prefix.endswith(("encoder_q.", "base_encoder.")):
             reason = "outside the query encoder"
         if reason is None and detected == "spark":
