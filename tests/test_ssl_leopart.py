@@ -135,7 +135,7 @@ def test_training_step_teacher_start_schedules_and_export(tmp_path):
         warnings.simplefilter("error")  # no random-init warning when weights were loaded
         out = m(batch)
     for a, b in zip(m.teacher_backbone.parameters(), donor.parameters()):
-        assert torch.equal(a, b)  # the teacher starts from the same weights
+        assert torch.allclose(a, b, atol=1e-6)  # the teacher starts from the same weights (+ the EMA of equals)
     assert torch.allclose(m.student_head.prototypes.weight.norm(dim=1), torch.ones(20), atol=1e-5)
     assert torch.isfinite(out["loss"]) and out["loss"] > 0
     opt.zero_grad()
@@ -189,3 +189,38 @@ def test_small_grids_and_bad_options_are_clear_errors():
         create_method("leopart", "vit_tiny_patch16_224", 1, 32, SMALL, {"depth": 1})
     with pytest.raises(RecipeError, match=r"pretrain\.options\.leopart\.loss_mask"):
         create_method("leopart", "vit_tiny_patch16_224", 1, 64, {"loss_mask": "foreground"}, {"depth": 1})
+
+
+def test_teacher_ema_uses_the_pre_step_student_as_the_official_training_step():
+    """Officially the EMA runs inside training_step, before Lightning's backward and optimizer step:
+    teacher_{k+1} = m teacher_k + (1 - m) student_k with student_k the weights *before* step k."""
+    m = tiny_leopart(64, loss_mask="all", momentum_teacher=0.9, momentum_teacher_end=0.9)
+    donor = timm.create_model("vit_tiny_patch16_224", in_chans=1, num_classes=0, img_size=64, depth=2)
+    m.encoder().load_state_dict(donor.state_dict())
+    opt = torch.optim.SGD(m.param_groups(0.0), lr=0.5)
+
+    def pairs():  # (teacher, student) parameters; prototypes are left out (re-normalised in place every step)
+        t = dict(m.teacher_backbone.named_parameters()) | {f"h.{k}": v for k, v in m.teacher_head.named_parameters()}
+        s = dict(m.student_backbone.named_parameters()) | {f"h.{k}": v for k, v in m.student_head.named_parameters()}
+        return [(t[k], s[k]) for k in t if "prototypes" not in k]
+
+    # the teacher backbone starts as the student (synced in the first forward); the head is its own init
+    teacher = [s.detach().clone() if i < len(list(m.student_backbone.parameters())) else t.detach().clone()
+               for i, (t, s) in enumerate(pairs())]
+    old_order = [t.clone() for t in teacher]  # what an EMA after the optimizer step would give
+    for step in range(2):
+        out = m(batch_for(m, seed=step))
+        student_before = [s.detach().clone() for _t, s in pairs()]
+        teacher = [t * 0.9 + s * 0.1 for t, s in zip(teacher, student_before)]
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        m.after_step(step + 1, 2)
+        old_order = [t * 0.9 + s.detach() * 0.1 for t, (_t, s) in zip(old_order, pairs())]
+        for want, (got, _s) in zip(teacher, pairs()):
+            assert torch.allclose(got, want, atol=1e-6)
+    assert max((a - b).abs().max().item() for a, b in zip(teacher, old_order)) > 1e-3  # the orders differ here
+    m.eval()
+    before = [t.detach().clone() for t, _s in pairs()]
+    m(batch_for(m, seed=5))  # an evaluation forward leaves the teacher alone
+    assert all(torch.equal(a, t) for a, (t, _s) in zip(before, pairs()))

@@ -28,8 +28,12 @@ Mapping to the official code (reference: ../shared/reference/ssl-methods.md §5)
   Gaussian blur (kernel 7, sigma 0.6), keep the top 60 % of the attention mass, drop 8-connected components of
   <= 2 patches (``process_attentions``), RoI-align to 7x7 and keep cells ``>= 1.0``; the loss averages over kept
   cells only (a pair with no kept cell adds nothing); ``bg`` inverts the mask, ``all`` uses none;
-- EMA teacher (no drop-path; the student has drop-path 0.1): momentum cosine 0.9995 -> 1 after every step over
-  backbone, head and prototypes;
+- EMA teacher (no drop-path; the student has drop-path 0.1): momentum cosine 0.9995 -> 1 over backbone, head and
+  prototypes, applied where the official ``training_step`` applies it: after the loss is computed and **before**
+  the backward pass and the optimizer step (Lightning steps after ``training_step`` returns), i.e. from the
+  pre-step student, with the momentum of the current step index (``momentum_schedule[global_step]``); so it is
+  done at the end of :meth:`Leopart.forward` in training mode (per micro-batch under gradient accumulation, as
+  Lightning calls ``training_step`` per micro-batch);
 - optimiser: AdamW; the head and prototypes get ``head_lr_scale`` = 10 x the backbone lr (lr_backbone 1e-5,
   lr_heads 1e-4 officially: set ``pretrain.lr: 1.0e-5``); cosine to 0 per step without warmup
   (``pretrain.warmup_steps: 0``); weight decay cosine ``pretrain.weight_decay`` (0.04) -> ``weight_decay_end`` (0.5)
@@ -439,6 +443,9 @@ class Leopart(OptimizerControl, SSLMethod):
                 else:
                     subloss = subloss - ce.mean()
             loss = loss + subloss / (n_crops - 1)
+        if self.training:  # the official training_step's EMA: after the loss, before backward and the step
+            ema_update(self.teacher_parameters(), self.student_parameters(),
+                       self.momentum_at(int(self.iteration), int(self.total_steps)))
         return {"loss": loss / N_GLOBAL}
 
     @torch.no_grad()
@@ -467,7 +474,7 @@ class Leopart(OptimizerControl, SSLMethod):
         return cosine_value(self.opts.momentum_teacher, self.opts.momentum_teacher_end, it, total)
 
     def after_step(self, step: int, total: int) -> None:
-        ema_update(self.teacher_parameters(), self.student_parameters(), self.momentum_at(step - 1, total))
+        # only the schedule position: the EMA itself ran in forward(), before this step's optimizer update
         self.iteration.fill_(step)
         self.total_steps.fill_(total)
 
