@@ -159,5 +159,5 @@ def test_pretrain_init_loads_the_online_and_the_target_encoder_and_official_opti
     m.load_encoder_weights(ref.state_dict())
     assert torch.equal(m.backbone.conv1.weight, ref.conv1.weight) and torch.equal(m.teacher.conv1.weight, ref.conv1.weight)
     for name in ("spark", "hybrid"):  # filled into the pretrain.* keys a recipe leaves unset
-        d = available()[name].optim_defaults("cnn")
+        d = available()[name].optim_defaults("resnet50")
         assert (d["optimizer"], tuple(d["betas"]), d["blr"], d["weight_decay"]) == ("lamb", (0.9, 0.95), 2e-4, 0.04)

@@ -374,3 +374,24 @@ def test_pipeline_pretrains_with_the_official_optimizer_keys_and_exports_strictl
     assert meta["timm_name"] == "resnet18" and meta["timm_kwargs"]["in_chans"] == 1 and meta["method"] == method
     timm.create_model(meta["timm_name"], **meta["timm_kwargs"]).load_state_dict(
         load_file(str(weights / "encoder.safetensors")), strict=True)
+
+
+@pytest.mark.parametrize("method", ["spark", "hybrid"])
+@pytest.mark.parametrize("backbone,betas", [("resnet18", [0.9, 0.95]), ("convnext_atto", [0.9, 0.999]),
+                                            ("convnextv2_atto", [0.9, 0.999])])
+def test_resolved_optimizer_defaults_follow_the_architecture(method, backbone, betas):
+    """SparK's arg_util.py: ada 0.95 for ResNets, 0.999 for ConvNeXt; a key the recipe sets still wins."""
+    import yaml
+    from click.testing import CliRunner
+
+    from sslrecipe.cli import main
+
+    tiny = Path(__file__).with_name("tiny.yaml")
+    args = ["validate", str(tiny), "--set", f"backbone.name={backbone}", "--set", "weights.source=pretrain",
+            "--set", f"pretrain={{method: {method}, steps: 2, batch_size: 2, img_size: 64}}", "--print"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    resolved = yaml.safe_load(res.output)["pretrain"]
+    assert resolved["betas"] == betas and (resolved["optimizer"], resolved["blr"]) == ("lamb", 2e-4)
+    res = CliRunner().invoke(main, args[:-1] + ["--set", "pretrain.betas=[0.8, 0.9]", "--print"])
+    assert yaml.safe_load(res.output)["pretrain"]["betas"] == [0.8, 0.9]

@@ -415,8 +415,8 @@ class DINO(OptimizerControl, SSLMethod):
                 p.grad = None
 
 
-def _dino_optim_defaults(family: str) -> dict:
-    if family == "cnn":
+def _dino_optim_defaults(timm_name: str) -> dict:
+    if backbone_family(timm_name) == "cnn":
         from sslrecipe.ssl.dino_cnn import OPTIM_DEFAULTS as CNN_DEFAULTS
 
         return CNN_DEFAULTS

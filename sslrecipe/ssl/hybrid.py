@@ -50,7 +50,7 @@ from torch import nn
 from sslrecipe.ssl import sparse as S
 from sslrecipe.ssl import views as V
 from sslrecipe.ssl.registry import register
-from sslrecipe.ssl.spark import OPTIM_DEFAULTS, SparK, SparKOptions
+from sslrecipe.ssl.spark import OPTIM_DEFAULTS, SparK, SparKOptions, optim_defaults_for
 
 
 class HybridOptions(SparKOptions):
@@ -185,7 +185,7 @@ class Hybrid(SparK):
 
 
 @register("hybrid", ("cnn",), "the project's own MIM + instance discrimination for CNNs: SparK + a CMAE-style EMA contrastive branch",
-          optim_defaults=OPTIM_DEFAULTS)
+          optim_defaults=optim_defaults_for)  # SparK's, betas by architecture included
 def build_hybrid(timm_name: str, in_chans: int, img_size: int, options: dict, timm_kwargs: dict) -> Hybrid:
     return Hybrid(timm_name, in_chans, img_size, V.parse_options(HybridOptions, options, "hybrid"), timm_kwargs)
 

@@ -24,6 +24,11 @@ def backbone_family(timm_name: str) -> str:
     return "vit" if name.startswith(("vit_", "deit", "eva", "beit")) else "cnn"
 
 
+def is_convnext(timm_name: str) -> bool:
+    """A ConvNeXt (v1 or v2): SparK's official code switches its defaults on ``'convnext' in model``."""
+    return "convnext" in timm_name.lower()
+
+
 class SSLMethod(nn.Module):
     """Base class of every SSL method."""
 
@@ -71,7 +76,7 @@ class MethodSpec:
     families: tuple[str, ...]
     build: Callable[..., SSLMethod]  # build(timm_name, in_chans, img_size, options: dict, timm_kwargs: dict)
     summary: str
-    # the official recipe's optimizer/schedule keys: a dict, or family -> dict
+    # the official recipe's optimizer/schedule keys as a function of the backbone's timm name
     optim_defaults: Optional[Callable[[str], dict]] = None
 
 
@@ -80,10 +85,11 @@ _REGISTRY: dict[str, MethodSpec] = {}
 
 def register(name: str, families: tuple[str, ...], summary: str, optim_defaults=None):
     """Register a builder. `optim_defaults`: the official recipe's `pretrain.*` optimizer keys (a dict, or a
-    callable family -> dict); they fill every key the recipe leaves unset (see `apply_method_defaults`)."""
+    callable timm_name -> dict when they depend on the architecture, e.g. ResNet vs ConvNeXt: use
+    `backbone_family` / `is_convnext`); they fill every key the recipe leaves unset (see `apply_method_defaults`)."""
 
     def deco(build):
-        defaults = optim_defaults if callable(optim_defaults) or optim_defaults is None else (lambda family: optim_defaults)
+        defaults = optim_defaults if callable(optim_defaults) or optim_defaults is None else (lambda timm_name: optim_defaults)
         _REGISTRY[name] = MethodSpec(name, families, build, summary, defaults)
         return build
 
@@ -130,13 +136,11 @@ def apply_method_defaults(recipe):
     none (pydantic's `model_fields_set`), so `resolved.yaml` shows what really runs; `pretrain.first` likewise."""
     if recipe.weights.source != "pretrain" or not recipe.pretrain.method:
         return recipe
-    family = backbone_family(recipe.backbone.name)
-
     def unset_defaults(p) -> dict:
         spec = available().get(p.method) if p.method else None
         if spec is None or spec.optim_defaults is None:
             return {}
-        defaults = spec.optim_defaults(family) or {}
+        defaults = spec.optim_defaults(recipe.backbone.name) or {}
         return {k: v for k, v in defaults.items() if k not in p.model_fields_set and k in type(p).model_fields}
 
     main = unset_defaults(recipe.pretrain)

@@ -35,8 +35,9 @@ Mapping to the official code (reference: ../shared/reference/ssl-methods.md §2;
   ``max_grad_norm``, as ``TheSameAsTimmLAMB(max_grad_norm=5.0)``; ``clip_grad_norm_`` for AdamW/SGD as the
   official ``--clip``); drop-path per model as ``models/__init__.py`` (R50 0.05, R101 0.08, R152 0.10, R200
   0.15, ConvNeXt-S/B/L 0.2/0.3/0.4, otherwise 0). The official optimizer is LAMB with betas (0.9, 0.95) for
-  ResNets and (0.9, 0.999) for ConvNeXt at ``base_lr`` 2e-4: :data:`OPTIM_DEFAULTS` (LAMB, (0.9, 0.95), blr 2e-4,
-  wd 0.04) fills every ``pretrain.*`` key the recipe leaves unset.
+  ResNets and (0.9, 0.999) for ConvNeXt at ``base_lr`` 2e-4: :func:`optim_defaults_for` (LAMB, blr 2e-4, wd 0.04,
+  betas by architecture; other CNNs, which the official code does not support, get the ResNet value) fills every
+  ``pretrain.*`` key the recipe leaves unset.
 
 Differences from the official code (also in docs/methods.md, "SparK"):
 
@@ -71,14 +72,21 @@ from sslrecipe.ssl import sparse as S
 from sslrecipe.ssl import views as V
 from sslrecipe.ssl.views import CropScale
 from sslrecipe.ssl.optim_control import OptimizerControl
-from sslrecipe.ssl.registry import SSLMethod, register
+from sslrecipe.ssl.registry import SSLMethod, is_convnext, register
 
 #: The official optimiser settings (``utils/arg_util.py``, ResNet), as ``pretrain.*`` recipe keys; the pipeline fills
-#: them into the keys a recipe leaves unset (registry.apply_method_defaults). ConvNeXt's betas are (0.9, 0.999).
+#: them into the keys a recipe leaves unset (registry.apply_method_defaults) through :func:`optim_defaults_for`.
 #: ``schedule``/``warmup_fraction``/``min_lr_ratio`` only matter with ``lr_schedule: recipe`` (the official curve
 #: is applied by the method itself otherwise).
 OPTIM_DEFAULTS = {"optimizer": "lamb", "betas": (0.9, 0.95), "blr": 2e-4, "weight_decay": 0.04,
                   "schedule": "cosine", "warmup_fraction": 40 / 1600, "min_lr_ratio": 0.001}
+#: ``arg_util.py``: ``args.ada = args.ada or 0.95``, then for ConvNeXt (``'convnext' in model``) ``or 0.999``.
+CONVNEXT_BETAS = (0.9, 0.999)
+
+
+def optim_defaults_for(timm_name: str) -> dict:
+    """:data:`OPTIM_DEFAULTS`, with betas (0.9, 0.999) for a ConvNeXt as the official code (0.95 otherwise)."""
+    return {**OPTIM_DEFAULTS, "betas": CONVNEXT_BETAS} if is_convnext(timm_name) else dict(OPTIM_DEFAULTS)
 
 #: ``pretrain/models/__init__.py`` ``pretrain_default_model_kwargs``: drop-path rate per model.
 DROP_PATH_DEFAULTS = {"resnet50": 0.05, "resnet101": 0.08, "resnet152": 0.10, "resnet200": 0.15,
@@ -211,6 +219,7 @@ class SparK(OptimizerControl, SSLMethod):
 
         o = options
         self.opts = o
+        self.optim_defaults = optim_defaults_for(timm_name)  # ConvNeXt's betas differ
         self.method_name = method_name
         self.img_size = int(img_size)
         self.in_chans = int(in_chans)
@@ -448,6 +457,6 @@ def build_spark_options(options: dict, method: str = "spark") -> SparKOptions:
 
 
 @register("spark", ("cnn",), "sparse masked modeling for CNNs (Tian et al. 2023): sparse encoder, U-Net decoder, masked 32x32 patches",
-          optim_defaults=OPTIM_DEFAULTS)
+          optim_defaults=optim_defaults_for)
 def build_spark(timm_name: str, in_chans: int, img_size: int, options: dict, timm_kwargs: dict) -> SparK:
     return SparK(timm_name, in_chans, img_size, build_spark_options(options), timm_kwargs)
