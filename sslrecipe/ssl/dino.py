@@ -22,8 +22,10 @@ Mapping to the official code (reference: ../shared/reference/ssl-methods.md §3)
   updated after every optimizer step in :meth:`DINO.after_step` over all backbone + head parameters with the
   per-iteration cosine momentum ``0.996 -> 1`` (``utils.cosine_scheduler``);
 - teacher temperature: ``linspace(warmup_teacher_temp, teacher_temp)`` over the warmup, then constant; the code
-  defaults (0.04 -> 0.04, no warmup) are the defaults here (the README's "boosted" ViT-S run uses 0.07 with 30 of
-  100 epochs of warmup: ``teacher_temp: 0.07, warmup_teacher_temp_fraction: 0.3``);
+  defaults (0.04 -> 0.04, no warmup) are the defaults here (the README's "boosted" ViT-S run trains 300 epochs with
+  0.07 warmed up over 30 of them, ``teacher_temp: 0.07, warmup_teacher_temp_fraction: 0.1``, and
+  ``norm_last_layer: false``; its absolute 10 lr-warmup and 1 frozen epochs are ``warmup_fraction: 0.0333`` and
+  ``freeze_last_layer_fraction: 0.00333``; docs/ssl.md has the recipe);
 - optimiser side, applied by a step pre-hook on the optimizer that the training loop builds from
   :meth:`DINO.param_groups` (see :class:`OptimizerControl`): the weight decay of the regularised group (not
   biases or 1-D params, ``utils.get_params_groups``) follows the per-iteration cosine ``weight_decay ->
