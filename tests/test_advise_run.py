@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from sslrecipe.cli import main
+from sslrecipe.engine.events import read_events
 
 TINY = [
     "backbone.name=resnet18", "backbone.in_chans=1",
@@ -22,6 +23,12 @@ TINY = [
     "finetune.rois_per_image=32", "evaluate.batch_size=4", "report.images=1",
     "runtime={device: cpu, workers: 0, checkpoint_every: 2, progress: plain}",
 ]
+
+
+def stage_dir(cell: Path, stage: str) -> Path:
+    """Where a matrix cell's stage ran (the cells share RUN/stages/): from the cell's events."""
+    return next(Path(e["dir"]) for e in read_events(cell / "events.jsonl")
+                if e["event"] in ("stage_start", "stage_cached") and e["stage"] == stage)
 
 
 @pytest.fixture
@@ -59,9 +66,9 @@ def test_written_recipe_runs_both_arms_and_compares(tmp_path, weights_server, mo
     assert "baseline-scratch" in (tmp_path / "run" / "comparison.md").read_text()
 
     # the advised arm really fine-tuned from the served weights (first conv adapted RGB -> 1 channel)
-    [enc_dir] = (tmp_path / "run" / "advised-resim").glob("weights-*")
+    enc_dir = stage_dir(tmp_path / "run" / "advised-resim", "weights")
     encoder = load_file(str(enc_dir / "encoder.safetensors"))
     assert torch.equal(encoder["layer4.1.conv2.weight"], served["layer4.1.conv2.weight"])
     assert encoder["conv1.weight"].shape[1] == 1
-    [scratch_dir] = (tmp_path / "run" / "baseline-scratch").glob("weights-*")
+    scratch_dir = stage_dir(tmp_path / "run" / "baseline-scratch", "weights")
     assert not torch.equal(load_file(str(scratch_dir / "encoder.safetensors"))["layer4.1.conv2.weight"], served["layer4.1.conv2.weight"])

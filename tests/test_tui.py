@@ -226,10 +226,14 @@ def test_navigation_between_screens(tmp_path):
             await pilot.press("c")
             compare = app.screen
             assert isinstance(compare, CompareScreen)
-            await wait_for(pilot, lambda: compare.rows, what="the comparison")
-            assert compare.keys == ["weights.source"]
-            assert [r["metrics"]["bbox/mAP"] for r in compare.rows] == [25.0, 20.0]
+            await wait_for(pilot, lambda: compare.table is not None, what="the comparison")
+            assert [c.label for c in compare.table.key_columns] == ["weights.source"]
+            assert [r.value("bbox/mAP").mean for r in compare.table.rows] == [25.0, 20.0]
+            assert compare.table.rows[0].value("bbox/mAP").best
             assert compare.query_one("#compare-table").row_count == 2
+            await pilot.press("t")  # the next layout: the survey's Table III
+            assert compare.table.layout == "table3"
+            assert [r.value("bbox/mAP").mean for r in compare.table.rows] == [25.0, 20.0]
             await pilot.press("escape", "l")
             assert isinstance(app.screen, LaunchDialog)
             await pilot.press("escape")

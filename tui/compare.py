@@ -1,11 +1,11 @@
-"""Compare runs side by side: one row per run, the recipe keys that differ, then the box metrics
-(the layout of the survey's tables and of a matrix's comparison.md); the best value of each metric
-is highlighted."""
+"""Compare runs side by side, in the layouts of `sslrecipe compare` (flat, or the survey's Tables III, IV, VI,
+VII): the table is built by `sslrecipe.report.compare.build_table`, the same code that writes a matrix's
+comparison.md, so the three agree. `t` switches the layout; the best value of each column is highlighted."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from rich.text import Text
 from textual import work
@@ -14,39 +14,33 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
+from sslrecipe.report.compare import LAYOUTS, RunRecord, Table, build_table, matrix_of
 from sslrecipe.tui.common import error_message, guarded, status_text
-from sslrecipe.tui.runs import (
-    METRIC_ORDER, RunWatcher, differing_keys, flatten, format_seconds, format_value, metric_label,
-)
+from sslrecipe.tui.runs import RunWatcher, format_value
 
 MAX_KEYS = 5
-# the columns of the survey's tables (and of a matrix's comparison.md), then the low-IoU / counting views
-COMPARED = METRIC_ORDER + ("bbox/AP@0.05", "agnostic/mAP", "agnostic/AP_small@0.3", "F1", "F1@0.05")
 
 
-def comparison(watchers: list[RunWatcher]) -> tuple[list[str], list[str], list[dict[str, Any]]]:
-    """(recipe keys that differ, metric names, one row per run)."""
-    recipes = [w.recipe for w in watchers]
-    keys = differing_keys(recipes)
-    metrics = [m for m in COMPARED if any(m in w.metrics for w in watchers)]
-    rows = []
-    for w in watchers:
-        flat = flatten(w.recipe.data) if w.recipe else {}
-        status, _ = w.status()
-        rows.append({"label": w.label, "path": w.path, "status": status, "seconds": w.state.seconds,
-                     "keys": {k: flat.get(k) for k in keys}, "present": {k for k in keys if k in flat}, "metrics": {m: w.metrics.get(m) for m in metrics}})
-    return keys, metrics, rows
+def record_of(watcher: RunWatcher) -> RunRecord:
+    """A run as the comparison sees it, from what the TUI already follows (status with the process check)."""
+    from sslrecipe.engine.matrix import read_cell_info
+
+    status, _ = watcher.status()
+    errors = [n.message for n in watcher.state.notes if n.kind == "error"]
+    return RunRecord(watcher.path, watcher.label, watcher.recipe.data if watcher.recipe else {}, dict(watcher.metrics),
+                     status, errors[-1] if errors and status != "finished" else None,
+                     read_cell_info(watcher.path) or {})
 
 
 class CompareScreen(Screen):
-    BINDINGS = [Binding("escape", "back", "Back")]
+    BINDINGS = [Binding("escape", "back", "Back"), Binding("t", "layout", "Layout")]
 
-    def __init__(self, runs: list[tuple[Path, str]]):
+    def __init__(self, runs: list[tuple[Path, str]], layout: str = "flat"):
         super().__init__()
         self.runs = runs
-        self.keys: list[str] = []
-        self.metrics: list[str] = []
-        self.rows: list[dict[str, Any]] = []
+        self.layout_name = layout
+        self.records: list[RunRecord] = []
+        self.table: Optional[Table] = None
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -56,69 +50,83 @@ class CompareScreen(Screen):
         yield Footer(show_command_palette=False)
 
     def on_mount(self) -> None:
-        self.sub_title = f"comparing {len(self.runs)} run{'s' * (len(self.runs) != 1)}"
         self.query_one("#compare-head", Static).update(Text("reading runs…", "dim"))
         self._load()
 
     @work(thread=True, exit_on_error=False)
     def _load(self) -> None:
-        result, error = None, None
+        records, error = None, None
         try:
-            watchers = []
+            records = []
             for path, label in self.runs:
                 w = RunWatcher(path, label)
                 w.poll()
-                watchers.append(w)
-            result = comparison(watchers)
+                records.append(record_of(w))
         except Exception as e:  # noqa: BLE001 - shown as a notification
             error = e
         try:
-            self.app.call_from_thread(self._show, result, error)
+            self.app.call_from_thread(self._loaded, records, error)
         except RuntimeError:
             pass
 
     @guarded
-    def _show(self, result: Optional[tuple], error: Optional[BaseException]) -> None:
+    def _loaded(self, records: Optional[list[RunRecord]], error: Optional[BaseException]) -> None:
         if error is not None:
             self.notify(error_message(error), title="compare", severity="error", markup=False)
             return
-        self.keys, self.metrics, self.rows = result
-        shown_keys = self.keys[:MAX_KEYS]
-        table = self.query_one("#compare-table", DataTable)
-        table.clear(columns=True)
-        table.add_column("run", key="run")
-        for m in self.metrics:
-            table.add_column(metric_label(m), key=f"metric:{m}")
-        table.add_column("time", key="time")
-        for k in shown_keys:
-            table.add_column(k, key=f"key:{k}")
-        best = {}
-        for m in self.metrics:
-            values = [r["metrics"][m] for r in self.rows if isinstance(r["metrics"][m], (int, float))]
-            if len(values) > 1 and max(values) > min(values):
-                best[m] = max(values)
-        for r in self.rows:
-            cells: list[Any] = [Text.assemble((r["label"], "bold"), "\n", status_text(r["status"]))
-                                if r["status"] != "finished" else Text(r["label"], "bold")]
-            for m in self.metrics:
-                v = r["metrics"][m]
-                cell = Text(format_value(v), "dim" if v is None else "", justify="right")
-                if m in best and v == best[m]:
+        self.records = records or []
+        self._show()
+
+    def action_layout(self) -> None:
+        self.layout_name = LAYOUTS[(LAYOUTS.index(self.layout_name) + 1) % len(LAYOUTS)]
+        if self.records:
+            self._show()
+
+    @guarded
+    def _show(self) -> None:
+        self.sub_title = f"comparing {len(self.records)} run{'s' * (len(self.records) != 1)} · layout {self.layout_name} (t: next)"
+        matrix = matrix_of(self.records) if self.layout_name == "flat" else None
+        self.table = table = build_table(self.records, self.layout_name, matrix=matrix)
+        keys = table.key_columns[:MAX_KEYS]
+        metrics = table.metric_columns
+        replicated = any(r.replicates > 1 for r in table.rows)
+        widget = self.query_one("#compare-table", DataTable)
+        widget.clear(columns=True)
+        widget.add_column("run" if self.layout_name == "flat" else "method · backbone", key="row")
+        for c in metrics:
+            widget.add_column(c.label, key=c.key)
+        if replicated:
+            widget.add_column("seeds", key="seeds")
+        widget.add_column("status", key="status")
+        for c in keys:
+            widget.add_column(c.label, key=c.key)
+        for i, r in enumerate(table.rows):
+            cells: list = [Text(r.label, "bold")]
+            for c in metrics:
+                v = r.values[c.key]
+                cell = Text(v.text(), "dim" if v.mean is None else "", justify="right")
+                if v.best:
                     cell.stylize("bold green")
                 cells.append(cell)
-            cells.append(Text(format_seconds(r["seconds"]), "dim"))
-            cells += [Text(format_value(r["keys"][k]) if k in r["present"] else "—", "cyan") for k in shown_keys]
-            table.add_row(*cells, key=str(r["path"]), height=None)
-        head = Text.assemble(("COCO box metrics in percent on each run's evaluation split; ", "dim"),
-                             ("best", "bold green"), (" of each column highlighted.", "dim"))
+            if replicated:
+                cells.append(Text(str(r.replicates), "dim", justify="right"))
+            word, _, count = r.status.partition(" ")  # e.g. "failed (1/3)"
+            cells.append(Text.assemble(status_text(word), (f" {count}" if count else "", "dim")) if word != "finished"
+                         else Text("finished", "dim"))
+            cells += [Text(format_value(r.keys.get(c.label)), "cyan") for c in keys]
+            widget.add_row(*cells, key=f"{i}:{r.label}", height=None)
+        head = Text.assemble((table.title + "\n", "bold"), (" ".join(n.replace("**", "") for n in table.notes), "dim"))
         self.query_one("#compare-head", Static).update(head)
         note = self.query_one("#compare-note", Static)
-        if not self.keys:
-            note.update(Text("The runs' recipes are identical (apart from their names).", "dim"))
-        elif len(self.keys) > MAX_KEYS:
-            note.update(Text("Also different: " + ", ".join(self.keys[MAX_KEYS:]), "dim"))
+        errors = [e for r in table.rows for e in r.errors]
+        if errors:
+            note.update(Text("failed: " + " · ".join(e.splitlines()[0] for e in errors), "red"))
+        elif len(table.key_columns) > MAX_KEYS:
+            note.update(Text("Also different: " + ", ".join(c.label for c in table.key_columns[MAX_KEYS:]), "dim"))
+        elif self.layout_name == "flat" and not table.key_columns and len(table.rows) > 1:
+            note.update(Text("The runs' recipes are identical (apart from their names and seeds).", "dim"))
         else:
-            note.update(Text("Recipe keys shown (cyan): the ones that differ between these runs.", "dim"))
+            note.update(Text("t: next layout (flat, Tables III, IV, VI, VII) · Esc: back", "dim"))
 
     def action_back(self) -> None:
         self.app.pop_screen()

@@ -41,12 +41,13 @@ def main() -> None:
     data      synthetic IR data, dataset conversion, checks and statistics
     weights   public SSL checkpoints: list, fetch, convert
     eval      COCO evaluation with small-object metrics
+    compare   runs side by side, laid out like the survey's tables
     tui       terminal app: advisor, run monitor, launcher
     """
 
 
 def _register() -> None:
-    from sslrecipe.cli import advise, data, evaluate, run, tui, weights
+    from sslrecipe.cli import advise, compare, data, evaluate, run, tui, weights
 
     main.add_command(run.run)
     main.add_command(run.validate)
@@ -54,6 +55,7 @@ def _register() -> None:
     main.add_command(data.data)
     main.add_command(weights.weights)
     main.add_command(evaluate.eval_cmd)
+    main.add_command(compare.compare)
     main.add_command(tui.tui)
 
 

@@ -55,20 +55,33 @@ def run_recipe(
     listeners: Iterable[Callable[[dict], None]] = (),
     recipe: Optional[Recipe] = None,
     cells: Iterable[str] = (),
+    stage_root: Optional[Path] = None,
+    forced: Optional[set] = None,
 ) -> Path:
-    """Run a recipe (or resume a run directory); a recipe with `matrix:` runs each cell and compares them."""
+    """Run a recipe (or resume a run directory); a recipe with `matrix:` runs each cell and compares them
+    (`MatrixFailed` when some cells failed: the others ran and the table is written).
+
+    `stage_root`, `forced`: a matrix cell's shared stage cache (see `Pipeline.run`); a cell directory given
+    as RECIPE finds its own in its `cell.json`."""
+    from sslrecipe.engine.inputs import check_inputs
+    from sslrecipe.engine.matrix import cell_stage_root
+
     recipe_file, chosen_dir = resolve_run_target(recipe_path, run_dir) if recipe is None else (None, run_dir and Path(run_dir))
     recipe = recipe or load_recipe(recipe_file, overrides)
     if recipe.weights.source == "pretrain":
         from sslrecipe.ssl.registry import apply_method_defaults
 
         recipe = apply_method_defaults(recipe)
+    check_inputs(recipe, recipe_file)  # before any work: every missing path at once, with the key to set
     if recipe.matrix is not None:
-        from sslrecipe.engine.matrix import run_matrix
+        from sslrecipe.engine.matrix import matrix_cells, run_matrix
 
-        def run_cell(cell: Recipe, cell_dir: Path) -> Path:
+        for cell in matrix_cells(recipe):  # an arm may set its own paths
+            check_inputs(cell.recipe, recipe_file, what=f"matrix cell {cell.name}")
+
+        def run_cell(cell: Recipe, cell_dir: Path, cell_stages: Path, cell_forced: set) -> Path:
             return run_recipe(None, run_dir=cell_dir, until=until, force=force, progress=progress,
-                              listeners=listeners, recipe=cell)
+                              listeners=listeners, recipe=cell, stage_root=cell_stages, forced=cell_forced)
 
         return run_matrix(recipe, chosen_dir or default_run_dir(recipe), run_cell, only=tuple(cells) or None)
     if cells:
@@ -78,11 +91,13 @@ def run_recipe(
     run_info = configure_cpu(recipe)
     seed_everything(recipe.seed)
     target = chosen_dir or default_run_dir(recipe)
+    if stage_root is None and chosen_dir is not None:
+        stage_root = cell_stage_root(chosen_dir)  # `sslrecipe run RUN/<cell>`: the matrix's shared stages
     reporter = ConsoleReporter(progress or recipe.runtime.progress) if progress != "off" else None
     all_listeners = tuple(listeners) + ((reporter,) if reporter else ())
     try:
         done = build_pipeline().run(recipe, target, until=until, force=tuple(force), listeners=all_listeners,
-                                    run_info=run_info)
+                                    run_info=run_info, stage_root=stage_root, forced=forced)
     finally:
         if reporter:
             reporter.close()
