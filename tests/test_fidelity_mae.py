@@ -69,7 +69,7 @@ def test_two_adamw_steps_with_the_official_settings_equal_the_official_training(
     method, _ = build()
     method.train()
     settings = REC["official_settings"]
-    cfg = OptimConfig(**available()["mae"].optim_defaults("vit"))  # what the pipeline fills into pretrain.*
+    cfg = OptimConfig(**available()["mae"].optim_defaults(TIMM_NAME))  # what the pipeline fills into pretrain.*
     assert (cfg.optimizer, tuple(cfg.betas), cfg.weight_decay) == ("adamw", tuple(settings["betas"]), settings["weight_decay"])
     optimizer = build_optimizer(method.param_groups(cfg.weight_decay), cfg, lr=1.0)
     assert optimizer.defaults["eps"] == settings["eps"]

@@ -154,12 +154,17 @@ def main() -> None:
 
     loss_scaler = NativeScaler()
     seen: list[tuple[float, torch.Tensor]] = []
-    model.register_forward_hook(lambda mod, inp, out: seen.append((float(out[0].item()), out[2].detach().clone())))
+    def after_forward(mod, inp, out):  # (loss, pred, mask); returns None: it observes only
+        seen.append((float(out[0].item()), out[2].detach().clone()))
+
+    model.register_forward_hook(after_forward)
     after_step: list[dict[str, torch.Tensor]] = []
     lrs: list[list[float]] = []
-    optimizer.register_step_post_hook(
-        lambda opt, *args_: (after_step.append(S.snapshot(model.named_parameters())),
-                             lrs.append([g["lr"] for g in opt.param_groups])))
+    def after(opt, *_):  # a hook returns None: it observes only
+        after_step.append(S.snapshot(model.named_parameters()))
+        lrs.append([g["lr"] for g in opt.param_groups])
+
+    optimizer.register_step_post_hook(after)
     loader = S.FixedBatches([(imgs, torch.zeros(BATCH))] * ITERATIONS_PER_EPOCH, ITERATIONS_PER_EPOCH)
     torch.manual_seed(NOISE_SEED)
     with S.cuda_calls_on_cpu(), S.quiet():
