@@ -10,6 +10,7 @@ Problem kinds (``Problem.kind``):
 ==============================  ===============================================================
 ``missing``                     an image listed in the annotations does not exist
 ``empty``                       a 0-byte image file, an image with no pixels, or a folder without images
+``too_small``                   an image narrower or lower than 8 pixels (e.g. 1x1): nothing to learn from
 ``truncated``                   the image data ends early (an interrupted copy or download)
 ``unreadable``                  not a decodable image (wrong extension, corrupt header or data, bad checksum)
 ``size_mismatch``               the annotated width/height differ from the image file's
@@ -115,6 +116,11 @@ def inspect_image(path: PathLike) -> tuple[Optional[Problem], Optional[tuple[int
         return Problem(str(p), "unreadable", f"cannot decode: {type(e).__name__}: {e}"), None
     if w == 0 or h == 0:
         return Problem(str(p), "empty", f"the image has no pixels ({w}x{h})"), None
+    from sslrecipe.data.images import too_small
+
+    small = too_small(w, h)
+    if small is not None:
+        return Problem(str(p), "too_small", f"{small} — remove it, or replace it with the full frame"), None
     return None, (int(w), int(h))
 
 

@@ -189,7 +189,7 @@ class DetectionDataset(Dataset):
             )
         target = self._target(index, width, height)
         if self.train and self.hflip and rng.random() < 0.5:
-            arr = arr[:, ::-1]
+            arr = arr[:, ::-1].copy()  # a copy: numpy keeps the negative stride of a 1-pixel-wide flip, torch refuses it
             boxes = target["boxes"]
             target["boxes"] = torch.stack(
                 [width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1

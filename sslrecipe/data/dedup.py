@@ -426,21 +426,23 @@ def assert_no_leakage(
     warn=None,
     workers: int = 1,
     listed: int = 20,
+    pool: str = "pre-training pool image(s)",
+    remedy: str = "remove them from the pool (see `sslrecipe data leakage`)",
 ) -> list[Leak]:
     """The data stage's guard: :class:`DataError` ("leak ...") listing pool images that copy
     evaluation images, unless ``allow`` (``data.allow_leakage``), when ``warn(message)`` is called
-    instead. Returns the leaks found."""
+    instead. ``pool`` names the pool's images and ``remedy`` what to do in the message. Returns the leaks found."""
     leaks = find_leakage(pool_paths, eval_paths, workers=workers)
     if not leaks:
         return leaks
     lines = "\n  ".join(f"{x.pool_path} is a copy of {x.eval_path} ({x.kind})" for x in leaks[:listed])
     more = f"\n  ... and {len(leaks) - listed} more" if len(leaks) > listed else ""
-    head = f"leak: {len(leaks)} pre-training pool image(s) are copies of val/test images:\n  {lines}{more}"
+    head = f"leak: {len(leaks)} {pool} are copies of val/test images:\n  {lines}{more}"
     if allow:
         if warn is not None:
             warn(head + "\n(continuing: data.allow_leakage is true)")
         return leaks
     raise DataError(
-        f"{head}\nPre-training on evaluation images inflates the results: remove them from the pool "
-        "(see `sslrecipe data leakage`), or set data.allow_leakage: true"
+        f"{head}\nPre-training on evaluation images inflates the results: {remedy}, "
+        "or set data.allow_leakage: true"
     )

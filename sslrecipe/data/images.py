@@ -28,6 +28,17 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 
 _UNREADABLE_HINT = "remove or replace the file (or re-export it from its source)"
 
+#: The smallest usable image side in pixels. Anything smaller holds no scene a detector or an SSL view could
+#: use (the leak guard's pixel check also compares at >= 8 px); the checks report it and pools skip it.
+MIN_IMAGE_SIDE = 8
+
+
+def too_small(width: int, height: int) -> Optional[str]:
+    """Why an image of this size is unusable (smaller than :data:`MIN_IMAGE_SIDE` on a side), or None."""
+    if min(width, height) >= MIN_IMAGE_SIDE:
+        return None
+    return f"the image is only {width}x{height} pixels (at least {MIN_IMAGE_SIDE} on each side are needed)"
+
 
 def is_image_file(path: PathLike) -> bool:
     """True when the file name has one of :data:`IMAGE_EXTENSIONS` and is not a hidden file."""

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from sslrecipe.data.images import IMAGE_EXTENSIONS, list_images, read_image, read_normalized, to_channels
+from sslrecipe.data.images import IMAGE_EXTENSIONS, list_images, read_image, read_normalized, to_channels, too_small
 from sslrecipe.errors import DataError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -30,7 +30,8 @@ def scan_unlabeled(folder: PathLike) -> tuple[list[Path], list[tuple[Path, str]]
     """Images under ``folder`` that open, and ``(path, reason)`` for those that do not.
 
     Each file is checked with Pillow's ``verify`` (header and, for PNG, chunk checksums) without
-    decoding the pixels, so a scan of thousands of images takes seconds. A file that passes may
+    decoding the pixels, so a scan of thousands of images takes seconds; images smaller than
+    :data:`~sslrecipe.data.images.MIN_IMAGE_SIDE` on a side (e.g. 1x1) are listed as problems too. A file that passes may
     still fail to decode later (e.g. a truncated JPEG); :class:`UnlabeledImages` handles that via
     ``on_error``. Raises :class:`DataError` when the folder is missing or holds no image files.
     """
@@ -48,7 +49,11 @@ def scan_unlabeled(folder: PathLike) -> tuple[list[Path], list[tuple[Path, str]]
                 problems.append((path, "empty file (0 bytes)"))
                 continue
             with Image.open(path) as im:
+                small = too_small(*im.size)  # from the header; verify() leaves the image unusable
                 im.verify()
+            if small is not None:
+                problems.append((path, small))
+                continue
             good.append(path)
         except Exception as e:  # noqa: BLE001 - every failure is reported, none is fatal
             reason = str(e) or type(e).__name__

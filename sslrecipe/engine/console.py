@@ -56,6 +56,11 @@ class ConsoleReporter:
             if e.get("name", "").startswith("bbox/"):
                 shown = "n/a" if value is None else f"{value:.2f}"
                 self._say(f"[{stage}] {e['name']} = {shown}")
+            elif e.get("name") == "data/sources" and isinstance(value, dict):  # which set each split came from
+                for split, o in value.items():
+                    n = o.get("images")
+                    self._say(f"[{stage}] {split}: {n} image{'' if n == 1 else 's'} from {o.get('from')}"
+                              + (f" ({o['file']})" if o.get("file") else f" ({o.get('share', 1):.0%} of it)"))
         elif kind == "warning":
             self._say(f"[{stage or 'run'}] warning: {e.get('message')}", style="yellow")
         elif kind == "stage_end":

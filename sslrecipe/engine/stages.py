@@ -110,38 +110,17 @@ def _total_steps(steps: Optional[int], epochs: Optional[int], n: int, batch_size
 
 
 def run_data(ctx: StageContext) -> dict:
-    from sslrecipe.data.coco import load_coco
-    from sslrecipe.data.sampling import sample_shots, split_coco
-    from sslrecipe.data.synth import generate_synthetic
+    from sslrecipe.data.sampling import sample_shots
 
     recipe, out = ctx.recipe, ctx.stage_dir
     d = recipe.data
-    splits: dict[str, tuple[dict, Path]] = {}
-    if d.train is not None:
-        for name in ("train", "val", "test"):
-            src = _labeled_source(recipe, getattr(d, name))
-            if src is not None:
-                splits[name] = _load_labeled(src, name)
-    else:
-        syn = d.synthetic
-        ann = generate_synthetic(
-            out / "synthetic", images=syn.images, width=syn.width, height=syn.height,
-            seed=recipe.seed if syn.seed is None else syn.seed, objects_per_image=tuple(syn.objects_per_image),
-            bit_depth=syn.bit_depth,
-        )
-        splits["train"] = (load_coco(ann), ann.parent / "images")
-    if "val" not in splits and "test" not in splits:
-        full, root = splits["train"]
-        train, val, test = split_coco(full, tuple(d.split), seed=recipe.seed)
-        splits = {"train": (train, root), "val": (val, root), "test": (test, root)}
-        ctx.events.emit("metric", "data", name="data/split", value={k: len(v[0]["images"]) for k, v in splits.items()})
-    if recipe.evaluate.split not in splits or not splits[recipe.evaluate.split][0]["images"]:
-        raise DataError(
-            f"evaluate.split is '{recipe.evaluate.split}' but there is no {recipe.evaluate.split} set; "
-            f"set data.{recipe.evaluate.split} or evaluate.split to one of: {', '.join(k for k in splits if splits[k][0]['images'])}"
-        )
+    splits, origin = _labeled_splits(ctx)
+    ctx.metric("data/split", {k: len(v[0]["images"]) for k, v in splits.items()})
+    ctx.metric("data/sources", {k: {**origin[k], "images": len(v[0]["images"])} for k, v in splits.items()})
+    _require_images(ctx, splits, origin, after_checks=False)
 
     _check_labeled(ctx, splits)
+    _require_images(ctx, splits, origin, after_checks=True)
 
     pool_images = [str(Path(splits["train"][1]) / im["file_name"]) for im in splits["train"][0]["images"]]
     train, root = splits["train"]
@@ -159,7 +138,7 @@ def run_data(ctx: StageContext) -> dict:
         path = out / f"{name}.json"
         atomic_write_text(path, json.dumps(coco))
         manifest["splits"][name] = {"annotations": path.name, "image_root": str(Path(root).resolve()), "images": len(coco["images"]),
-                                    "boxes": sum(1 for a in coco["annotations"] if not a.get("iscrowd"))}
+                                    "boxes": sum(1 for a in coco["annotations"] if not a.get("iscrowd")), "source": origin[name]}
 
     unlabeled = _unlabeled_pool(ctx, pool_images)
     if d.dedup is not False:
@@ -169,17 +148,105 @@ def run_data(ctx: StageContext) -> dict:
         kept = [str(p) for p in keep_list(unlabeled, groups)]
         ctx.metric("data/dedup_removed", len(unlabeled) - len(kept))
         unlabeled = kept
-    if d.unlabeled is not None and recipe.weights.source == "pretrain":
+    if recipe.weights.source == "pretrain":
+        # the default pool (the training images) too: a copy of a val/test image among them is pre-trained on
         from sslrecipe.data.dedup import assert_no_leakage
 
         held_out = [str(Path(root) / im["file_name"]) for name, (coco, root) in splits.items() if name != "train"
                     for im in coco["images"]]
-        assert_no_leakage(unlabeled, held_out, allow=d.allow_leakage, warn=ctx.warn)
+        named = {} if d.unlabeled is not None else {
+            "pool": "training image(s) (the pre-training pool, as data.unlabeled is null)",
+            "remedy": "remove the copies from the training set or from the val/test set"}
+        assert_no_leakage(unlabeled, held_out, allow=d.allow_leakage, warn=ctx.warn, **named)
     atomic_write_text(out / "unlabeled.txt", "".join(p + "\n" for p in unlabeled))
     manifest["unlabeled"] = {"list": "unlabeled.txt", "images": len(unlabeled)}
     manifest["normalization"] = _normalization(ctx, pool_images + unlabeled)
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     return {k: v["images"] for k, v in manifest["splits"].items()} | {"unlabeled": len(unlabeled)}
+
+
+_SPLITS = ("train", "val", "test")
+
+
+def _labeled_splits(ctx: StageContext) -> tuple[dict[str, tuple[dict, Path]], dict[str, dict]]:
+    """The labeled sets of the run, and where each came from (``{"from": "data.test", "file": ...}``).
+
+    A set the recipe gives is used as given. The one set that is split (``data.synthetic`` when ``data.train`` is
+    null, else ``data.train`` when neither val nor test is given) fills only the splits not given, with the
+    ``data.split`` fractions of those splits scaled to sum to 1.
+    """
+    from sslrecipe.data.coco import load_coco
+    from sslrecipe.data.sampling import split_coco
+    from sslrecipe.data.synth import generate_synthetic
+
+    recipe, d = ctx.recipe, ctx.recipe.data
+    splits: dict[str, tuple[dict, Path]] = {}
+    origin: dict[str, dict] = {}
+    for name in _SPLITS:
+        src = _labeled_source(recipe, getattr(d, name))
+        if src is not None:
+            splits[name] = _load_labeled(src, name)
+            origin[name] = {"from": f"data.{name}", "file": str(src.annotations)}
+            if not splits[name][0]["images"]:
+                raise DataError(
+                    f"data.{name}: {src.annotations} lists no images — give a labeled set with images, "
+                    f"or remove data.{name} from the recipe"
+                )
+    if d.train is None:
+        syn = d.synthetic
+        ann = generate_synthetic(
+            ctx.stage_dir / "synthetic", images=syn.images, width=syn.width, height=syn.height,
+            seed=recipe.seed if syn.seed is None else syn.seed, objects_per_image=tuple(syn.objects_per_image),
+            bit_depth=syn.bit_depth,
+        )
+        whole, whole_origin = (load_coco(ann), ann.parent / "images"), {"from": "data.synthetic"}
+    elif "val" not in splits and "test" not in splits:
+        whole, whole_origin = splits.pop("train"), origin.pop("train")
+    else:
+        whole = None
+    if d.train is not None and d.synthetic is not None:
+        ctx.warn("data.synthetic is not used: data.train is given (synthetic data fills only the splits a recipe "
+                 "does not give, and the training set is data.train); remove data.synthetic to silence this")
+    if whole is not None:
+        fill = [n for n in _SPLITS if n not in splits]
+        fractions = [f if n in fill else 0.0 for n, f in zip(_SPLITS, d.split)]
+        if len(fill) < len(_SPLITS):  # exact fractions when all three are filled: the same split as before
+            fractions = [f / sum(fractions) for f in fractions]
+        for name, part, share in zip(_SPLITS, split_coco(whole[0], fractions, seed=recipe.seed), fractions):
+            if name in fill:
+                splits[name] = (part, whole[1])
+                origin[name] = {**whole_origin, "share": round(share, 4)}
+    return {n: splits[n] for n in _SPLITS if n in splits}, origin
+
+
+def _require_images(ctx: StageContext, splits: dict[str, tuple[dict, Path]], origin: dict[str, dict],
+                    after_checks: bool) -> None:
+    """The training set and the evaluated split must hold images (before and after the checks drop broken ones)."""
+    recipe = ctx.recipe
+    dropped = " after data.skip_invalid dropped the broken ones (listed in the warning above)" if after_checks else ""
+
+    def described(name: str) -> str:
+        o = origin[name]
+        return f"{o['from']} ({o['file']})" if "file" in o else f"{o['share']:.0%} of {o['from']}"
+
+    if not splits["train"][0]["images"]:
+        pool = (" The pre-training pool, the training images (data.unlabeled is null), is empty too."
+                if recipe.weights.source == "pretrain" and recipe.data.unlabeled is None else "")
+        raise DataError(
+            f"the training set, {described('train')}, has no images{dropped}.{pool} Fix or replace the images, "
+            "give more of them, or a larger train fraction in data.split"
+        )
+    e = recipe.evaluate.split
+    if e not in splits:
+        raise DataError(
+            f"evaluate.split is '{e}' but there is no {e} set; set data.{e}, or evaluate.split to one of: "
+            f"{', '.join(k for k in splits if k != 'train' and splits[k][0]['images']) or '(none: give data.val or data.test)'}"
+        )
+    if not splits[e][0]["images"]:
+        raise DataError(
+            f"evaluate.split is '{e}' but the {e} set, {described(e)}, has no images{dropped}; fix or replace its "
+            f"images, give data.{e}, or a larger {e} fraction in data.split"
+        )
 
 
 def _load_labeled(src: LabeledSource, split: str) -> tuple[dict, Path]:
@@ -603,8 +670,18 @@ def _unlabeled_pool_config(r: Recipe) -> Any:
     if r.data.unlabeled is not None:
         return {"unlabeled": _dump(r.data.unlabeled) if not isinstance(r.data.unlabeled, str) else r.data.unlabeled, **common}
     # the pool is the training images: it depends on the labeled sources and the split, never on `shots`
-    return {"train": _dump(r.data.train), "synthetic": _dump(r.data.synthetic), "split": list(r.data.split),
+    pool = {"train": _dump(r.data.train), "synthetic": _dump(r.data.synthetic), "split": list(r.data.split),
             "images": r.data.images, "format": r.data.format, **common}
+    # which sets are given decides what the training set is, and skip_invalid what is left of it; entered only
+    # where they matter, so that the most common pools (synthetic alone, train with val/test) keep their hashes
+    given = [n for n in ("val", "test") if getattr(r.data, n) is not None]
+    if r.data.train is None and given:  # synthetic data fills only the splits not given
+        pool["given"] = given
+    if r.data.train is not None and not given:  # data.train is split: the pool is its train share
+        pool["train_split"] = True
+    if r.data.skip_invalid:
+        pool["skip_invalid"] = True
+    return pool
 
 
 def _pool_fingerprint(r: Recipe) -> dict:

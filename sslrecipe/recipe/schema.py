@@ -102,10 +102,12 @@ class DataConfig(Section):
     )
     split: tuple[float, float, float] = Field(
         (0.6, 0.2, 0.2),
-        description="train/val/test fractions used when only one labeled set is given (`train` or `synthetic`); the survey's 60:20:20.",
+        description="train/val/test fractions for splitting `train` when neither val nor test is given, or `synthetic` "
+        "over the splits not given (the fractions of those scaled to sum to 1); the survey's 60:20:20.",
     )
     synthetic: Optional[SyntheticConfig] = Field(
-        None, description="Built-in labeled synthetic IR data, split by `split`. Used when `train` is null."
+        None, description="Built-in labeled synthetic IR data, used when `train` is null: it fills train and whichever of "
+        "val/test is not given (a given set always wins), split by `split`."
     )
     skip_invalid: bool = Field(
         False, description="Drop invalid labeled images/boxes with a warning instead of stopping the run."
