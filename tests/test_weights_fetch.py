@@ -346,6 +346,8 @@ def test_catalogue_hub_entry_fetches_from_hf_endpoint_and_converts(env, hub):
     assert meta["catalogue"] == "timm-vits16-dino" and meta["file_sha256"] == _sha(data)
     assert meta["licence"] == "Apache-2.0" and not meta["non_commercial"]
     assert meta["timm_name"] == "vit_small_patch16_224" and meta["timm_kwargs"]["in_chans"] == 1
+    # the entry's ImageNet mean/std, adapted to 1 channel as the patch embedding (summed over RGB)
+    assert meta["mean"] == pytest.approx([(0.485 + 0.456 + 0.406) / 3]) and meta["std"] == pytest.approx([0.226])
     assert torch.equal(enc["blocks.5.attn.qkv.weight"], ref["blocks.5.attn.qkv.weight"])
     assert torch.allclose(enc["patch_embed.proj.weight"], ref["patch_embed.proj.weight"].sum(1, keepdim=True))
     assert any("input channels" in w for w in warned)

@@ -72,10 +72,16 @@ def list_cmd(as_json: bool, method: Optional[str], backbone: Optional[str]) -> N
 @weights.command("info")
 @click.argument("name")
 def info_cmd(name: str) -> None:
-    """Show one catalogue entry and whether it is in the cache."""
+    """Show one catalogue entry (with the input mean/std its weights expect) and whether it is in the cache.
+
+    NAME may also be an encoder (a directory holding encoder.json, or that file): then its timm model, input
+    channels, mean/std and origin are shown."""
     from sslrecipe.weights.catalogue import get_entry
     from sslrecipe.weights.fetch import local_path
 
+    if Path(name).expanduser().exists():
+        _encoder_info(Path(name).expanduser())
+        return
     e = get_entry(name)
     row = e.row()
     row["manual_path"] = str(local_path(e.source, e.cache_filename))
@@ -85,6 +91,30 @@ def info_cmd(name: str) -> None:
     lic = e.licence_warning()
     if lic:
         _warn(lic)
+
+
+def _encoder_info(path: Path) -> None:
+    from sslrecipe.models.backbone import encoder_paths
+    from sslrecipe.models.normalization import Normalization
+
+    _weights, meta_path = encoder_paths(path)
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SSLRecipeError(f"cannot read {meta_path}: {e}") from None
+    if not isinstance(meta, dict):
+        raise SSLRecipeError(f"{meta_path} must hold a JSON object (an encoder.json)")
+    in_chans = (meta.get("timm_kwargs") or {}).get("in_chans")
+    norm = Normalization.from_meta(meta, in_chans, str(meta_path))
+    rows = {"encoder": str(meta_path.parent), "timm_name": meta.get("timm_name"), "in_chans": in_chans,
+            "mean": list(norm.mean), "std": list(norm.std)}
+    if "mean" not in meta:
+        rows["normalization"] = "not recorded (written before issue 14): the project's 0.5 / 0.25"
+    for k in ("catalogue", "method", "start", "source", "id", "licence"):
+        if meta.get(k) not in (None, ""):
+            rows[k] = meta[k]
+    for k, v in rows.items():
+        click.echo(f"{k:>15}: {v}")
 
 
 @weights.command("fetch")

@@ -29,6 +29,8 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from sslrecipe.errors import SSLRecipeError
+from sslrecipe.models.backbone import normalization_of
+from sslrecipe.models.normalization import Normalization
 
 FPN_STRIDES = (4, 8, 16, 32)
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
@@ -315,8 +317,10 @@ def build_detector(
     - ``anchor_sizes``: one size in resized pixels per pyramid level (body levels + the max-pool level, 5 for
       a ResNet or a ViT); None = ``DEFAULT_ANCHOR_SIZES``. A different count is interpolated geometrically
       (with a warning). Aspect ratios are (0.5, 1, 2).
-    - ``image_mean`` / ``image_std``: per-channel normalisation of the [0, 1] input; default 0.5 / 0.25 for
-      each of ``in_chans`` channels.
+    - ``image_mean`` / ``image_std``: per-channel normalisation of the [0, 1] input (torchvision's
+      ``GeneralizedRCNNTransform`` applies it, in training and in prediction); default: what the encoder's
+      ``encoder.json`` records when it was loaded with ``load_encoder`` (ImageNet's for public weights), else
+      the project's 0.5 / 0.25, for each of ``in_chans`` channels.
     - ``norm`` / ``trainable_stages``: see :func:`configure_trainable` (CNNs) and
       :func:`sslrecipe.detect.vit_pyramid.configure_vit_trainable` (ViTs: stages are blocks).
     - ``fpn_channels`` (pyramid width) and ``representation_size`` (box head MLP width) trade accuracy for
@@ -338,8 +342,9 @@ def build_detector(
         raise SSLRecipeError(
             f"backbone takes {enc_chans}-channel input but the data has {in_chans} channel(s); set backbone.in_chans: {in_chans}"
         )
-    mean = [0.5] * in_chans if image_mean is None else [float(v) for v in image_mean]
-    std = [0.25] * in_chans if image_std is None else [float(v) for v in image_std]
+    recorded = normalization_of(encoder) or Normalization.default()
+    mean = list(recorded.for_channels(in_chans).mean) if image_mean is None else [float(v) for v in image_mean]
+    std = list(recorded.for_channels(in_chans).std) if image_std is None else [float(v) for v in image_std]
     if len(mean) != in_chans or len(std) != in_chans:
         raise SSLRecipeError(f"image_mean/image_std need {in_chans} value(s) each, got {mean} / {std}")
 

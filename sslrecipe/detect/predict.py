@@ -62,7 +62,9 @@ def predict(
 ) -> list[dict[str, Any]]:
     """COCO results ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"[, "segmentation"]}]``.
 
-    ``dataset`` yields ``(image FloatTensor[C,H,W] in [0,1], {"image_id": int, ...})``. Boxes are in the
+    ``dataset`` yields ``(image FloatTensor[C,H,W] in [0,1], {"image_id": int, ...})``: the data's own scaling
+    (``data.normalize``) and nothing more, because the detector's transform applies the mean/std its encoder
+    expects (``detector.json``'s ``mean``/``std``: ``model.transform.image_mean`` / ``image_std``). Boxes are in the
     original image's pixels (the detector's transform maps them back); a Mask R-CNN's masks become
     compressed RLE at probability 0.5. ``label_to_category`` maps the model's contiguous labels (1..K) to the
     dataset's original category ids; None keeps the labels. Detections scoring below ``score_threshold`` are

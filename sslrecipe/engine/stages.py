@@ -20,6 +20,7 @@ from sslrecipe.engine.cpu_threads import plan_threads
 from sslrecipe.engine.loop import LoopSettings, TrainLoop, resolve_device, resolve_precision
 from sslrecipe.engine.pipeline import Pipeline, Stage, StageContext
 from sslrecipe.errors import DataError, SSLRecipeError
+from sslrecipe.models.normalization import Normalization
 from sslrecipe.recipe import Recipe
 from sslrecipe.recipe.schema import LabeledSource
 
@@ -391,7 +392,8 @@ def _pretrain(ctx: StageContext, p, key: str) -> dict:
     timm_kwargs = {"in_chans": recipe.backbone.in_chans, "num_classes": 0, **recipe.backbone.kwargs}
     timm_kwargs.update(getattr(method, "export_timm_kwargs", {}))
     export_encoder(method.encoder(), ctx.stage_dir, recipe.backbone.name, timm_kwargs,
-                   extra={"method": p.method, "steps": result.steps, "start": start})
+                   extra={"method": p.method, "steps": result.steps, "start": start},
+                   normalization=Normalization(method.input_mean, method.input_std))  # what its views used
     method.export_extra(ctx.stage_dir)  # e.g. ReSim's FPN, which fine-tuning starts from
     return {"method": p.method, "steps": result.steps, "final_loss": result.last_loss, "start": start}
 
@@ -406,6 +408,11 @@ def _load_encoder_into(method, file: Path) -> None:
 
         state = resize_pos_embed_in_state(state, encoder)
     method.load_encoder_weights(state)
+    # the views are normalised as the start encoder expects (its encoder.json; none recorded: 0.5 / 0.25)
+    meta_path = file.with_name("encoder.json")
+    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    norm = Normalization.from_meta(meta, (meta.get("timm_kwargs") or {}).get("in_chans"), str(meta_path))
+    method.set_input_normalization(norm.mean, norm.std)
 
 
 def _init_encoder_from(ctx: StageContext, method, ref, key: str = "pretrain.init") -> None:
@@ -475,8 +482,10 @@ def build_detector_from(spec: dict, encoder_dir: Optional[Path] = None):
         encoder, _meta = load_encoder(encoder_dir)
     else:
         encoder = create_backbone(spec["timm_name"], **spec["timm_kwargs"])
+    # detector.json written before the normalisation was recorded: build_detector's default (the encoder's, else 0.5/0.25)
     return build_detector(
         encoder, num_classes=spec["num_classes"], img_size=spec["img_size"], anchor_sizes=tuple(spec["anchor_sizes"]),
+        image_mean=spec.get("mean"), image_std=spec.get("std"),
         in_chans=spec["in_chans"], norm=spec["norm"], trainable_stages=spec["trainable_stages"],
         max_detections=spec["max_detections"], fpn_channels=spec["fpn_channels"],
         box_batch_size_per_image=spec["rois_per_image"], detector=spec.get("detector", "faster_rcnn"),
@@ -547,6 +556,8 @@ def run_finetune(ctx: StageContext) -> dict:
         "anchor_sizes": list(anchors), "in_chans": recipe.backbone.in_chans, "norm": f.norm,
         "trainable_stages": f.trainable_stages, "max_detections": f.max_detections, "fpn_channels": f.fpn_channels,
         "rois_per_image": f.rois_per_image, "detector": f.detector, "mask_channels": f.mask_channels,
+        # the input normalisation the encoder's weights expect, applied by the detector (and after it by predict)
+        **Normalization.from_meta(meta, recipe.backbone.in_chans, str(ctx.upstream["weights"] / "encoder.json")).to_meta(),
     }
     torch.manual_seed(finetune_seed(recipe))
     model = build_detector_from(spec, ctx.upstream["weights"])
@@ -696,6 +707,12 @@ def _data_config(r: Recipe) -> dict:
     return {"data": data, "seed": r.seed, "eval_split": r.evaluate.split}
 
 
+def _input_norm_salt(starts_from_weights: bool) -> dict:
+    """Stages that start from given weights record and apply those weights' mean/std since issue 14 (before: always
+    0.5 / 0.25): a new hash, so a cached result made with the old normalisation is not reused. Others keep theirs."""
+    return {"input_norm": "from_weights"} if starts_from_weights else {}
+
+
 def build_pipeline() -> Pipeline:
     return Pipeline(
         [
@@ -705,17 +722,20 @@ def build_pipeline() -> Pipeline:
             # pre-training hashes the pool definition, never data.shots: shot changes reuse it
             Stage("pretrain_first", ("data",),
                   lambda r: {"pretrain": _dump(r.pretrain.first), "backbone": _dump(r.backbone), "seed": r.seed,
-                             "precision": r.runtime.precision, "pool": _unlabeled_pool_config(r)},
+                             "precision": r.runtime.precision, "pool": _unlabeled_pool_config(r),
+                             **_input_norm_salt(r.pretrain.first is not None and r.pretrain.first.init is not None)},
                   run_pretrain_first, enabled=lambda r: r.weights.source == "pretrain" and r.pretrain.first is not None,
                   hash_upstream=(), fingerprint=_pool_fingerprint),
             # its config holds pretrain.first whole, so the first stage's hash need not enter it
             Stage("pretrain", ("data", "pretrain_first"),
                   lambda r: {"pretrain": _dump(r.pretrain), "backbone": _dump(r.backbone), "seed": r.seed,
-                             "precision": r.runtime.precision, "pool": _unlabeled_pool_config(r)},
+                             "precision": r.runtime.precision, "pool": _unlabeled_pool_config(r), **_input_norm_salt(
+                                 r.pretrain.init is not None or (r.pretrain.first is not None and r.pretrain.first.init is not None))},
                   run_pretrain, enabled=lambda r: r.weights.source == "pretrain", hash_upstream=(),
                   fingerprint=_pool_fingerprint),
             Stage("weights", ("pretrain",), lambda r: {"weights": _dump(r.weights), "backbone": _dump(r.backbone),
-                                                       "seed": r.seed if r.weights.source == "scratch" else None}, run_weights),
+                                                       "seed": r.seed if r.weights.source == "scratch" else None,
+                                                       **_input_norm_salt(r.weights.source in ("fetch", "file"))}, run_weights),
             Stage("finetune", ("data", "weights"),
                   lambda r: {"finetune": {k: v for k, v in _dump(r.finetune).items() if k != "seed"},
                              "in_chans": r.backbone.in_chans, "seed": finetune_seed(r), "precision": r.runtime.precision},

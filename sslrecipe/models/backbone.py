@@ -5,9 +5,11 @@ two files in one directory:
 
 - ``encoder.safetensors``: the model's ``state_dict`` with timm's own key names (no ``module.`` /
   ``_orig_mod.`` / wrapper prefixes), contiguous CPU tensors;
-- ``encoder.json``: ``{"timm_name": ..., "timm_kwargs": {...}, ...extra}`` such that
+- ``encoder.json``: ``{"timm_name": ..., "timm_kwargs": {...}, "mean": [...], "std": [...], ...extra}`` such that
   ``timm.create_model(timm_name, **timm_kwargs).load_state_dict(load_file("encoder.safetensors"), strict=True)``
-  works with nothing but timm and safetensors installed.
+  works with nothing but timm and safetensors installed, and ``(x - mean) / std`` (one value per input channel,
+  on images scaled to [0, 1]) is the input the weights expect (:mod:`sslrecipe.models.normalization`; a file
+  without ``mean``/``std`` means 0.5 / 0.25, the project's own). The safetensors header repeats them.
 
 Both files are written atomically (temporary file + ``os.replace``) so a killed writer never leaves a
 half-written encoder behind.
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from sslrecipe.errors import SSLRecipeError
+from sslrecipe.models.normalization import Normalization
 
 ENCODER_WEIGHTS = "encoder.safetensors"
 ENCODER_META = "encoder.json"
@@ -35,6 +38,8 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Attributes `create_backbone` leaves on the model so that export can find its timm spec.
 _NAME_ATTR = "_sslrecipe_timm_name"
 _KWARGS_ATTR = "_sslrecipe_timm_kwargs"
+# ... and the input normalisation its weights expect (set by load_encoder, read by export and the detector).
+_NORM_ATTR = "_sslrecipe_normalization"
 
 
 def _close_timm_names(name: str, n: int = 5) -> list[str]:
@@ -192,6 +197,7 @@ def export_encoder(
     timm_name: Optional[str] = None,
     timm_kwargs: Optional[Mapping[str, Any]] = None,
     extra: Optional[dict[str, Any]] = None,
+    normalization: Optional[Normalization] = None,
 ) -> Path:
     """Write ``out_dir/encoder.safetensors`` and ``out_dir/encoder.json``; returns the safetensors path.
 
@@ -199,7 +205,9 @@ def export_encoder(
     ``timm_kwargs`` default to what :func:`create_backbone` recorded on the model. The key set and shapes
     are checked against a fresh ``timm.create_model(timm_name, **timm_kwargs)`` before anything is
     written, so the files always load strictly. ``extra`` is merged into ``encoder.json`` (e.g. the SSL
-    method, the stage hash); it cannot override ``timm_name`` / ``timm_kwargs``.
+    method, the stage hash); it cannot override ``timm_name`` / ``timm_kwargs`` / ``mean`` / ``std``.
+    ``normalization`` is the input normalisation the weights expect (default: what :func:`load_encoder`
+    recorded on the model, else the project's 0.5 / 0.25), written per input channel.
     """
     from safetensors.torch import save_file
 
@@ -230,7 +238,9 @@ def export_encoder(
             f"the encoder's weights do not match timm model {timm_name!r} with {kwargs}: {problem}"
         )
 
-    meta: dict[str, Any] = {"timm_name": timm_name, "timm_kwargs": kwargs}
+    norm = normalization or getattr(model, _NORM_ATTR, None) or Normalization.default()
+    norm = norm.for_channels(int(kwargs.get("in_chans", 3)), "the encoder's normalization")
+    meta: dict[str, Any] = {"timm_name": timm_name, "timm_kwargs": kwargs, **norm.to_meta()}
     meta.update({k: v for k, v in (extra or {}).items() if k not in meta})
     try:
         meta_text = json.dumps(meta, indent=2, sort_keys=False) + "\n"
@@ -239,7 +249,8 @@ def export_encoder(
 
     out_dir = Path(out_dir)
     weights_path = out_dir / ENCODER_WEIGHTS
-    header = {"format": "pt", "timm_name": timm_name, "timm_kwargs": json.dumps(kwargs, sort_keys=True)}
+    header = {"format": "pt", "timm_name": timm_name, "timm_kwargs": json.dumps(kwargs, sort_keys=True),
+              "mean": json.dumps(list(norm.mean)), "std": json.dumps(list(norm.std))}
     _atomic_write_bytes(weights_path, lambda tmp: save_file(state, tmp, metadata=header))
 
     def write_meta(tmp: str) -> None:
@@ -270,7 +281,8 @@ def encoder_paths(dir_or_file: Union[str, Path]) -> tuple[Path, Path]:
 def load_encoder(dir_or_file: Union[str, Path], map_location: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Build the timm model described by ``encoder.json`` and load ``encoder.safetensors`` strictly.
 
-    Returns ``(model, meta)`` where ``meta`` is the parsed ``encoder.json``.
+    Returns ``(model, meta)`` where ``meta`` is the parsed ``encoder.json``; the model carries the normalisation
+    it expects (:func:`normalization_of`).
     """
     import timm
     from safetensors.torch import load_file
@@ -309,4 +321,10 @@ def load_encoder(dir_or_file: Union[str, Path], map_location: str = "cpu") -> tu
     model.to(map_location)
     setattr(model, _NAME_ATTR, name)
     setattr(model, _KWARGS_ATTR, timm_kwargs_of(**kwargs))
+    setattr(model, _NORM_ATTR, Normalization.from_meta(meta, int(kwargs.get("in_chans", 3)), str(meta_path)))
     return model, meta
+
+
+def normalization_of(model: nn.Module) -> Optional[Normalization]:
+    """The input normalisation recorded on an encoder by :func:`load_encoder` (None for a fresh model)."""
+    return getattr(_unwrap(model), _NORM_ATTR, None)

@@ -45,7 +45,8 @@ both networks as in the official code (a single process has no SyncBN to convert
 Simplifications (also in docs/ssl.md): schedules indexed by *epoch* in the official code (teacher-temperature
 warmup, last-layer freezing) are expressed as fractions of the total optimizer steps and evaluated per step;
 the lr schedule floor is ``pretrain.min_lr_ratio`` x peak instead of an absolute ``min_lr=1e-6``; the blur is a
-true Gaussian instead of PIL's box-blur approximation; inputs use the detector's normalisation (views.py).
+true Gaussian instead of PIL's box-blur approximation; inputs use the encoder's normalisation (0.5 / 0.25 from
+random init, the start encoder's with ``pretrain.init``; views.py, recorded in encoder.json).
 """
 
 from __future__ import annotations
@@ -343,11 +344,11 @@ class DINO(OptimizerControl, SSLMethod):
             c = V.random_gaussian_blur(c, rng, 1.0 if k == 0 else 0.1)
             if k == 1:
                 c = V.random_solarize(c, rng, 0.2)
-            crops.append(V.normalize(c))
+            crops.append(V.normalize(c, self.input_mean, self.input_std))
         for _ in range(self.opts.local_crops_number):
             c, _box = V.random_resized_crop(image, self.local_size, rng, self.local_scale)
             c = self._flip_and_color_jitter(c, rng)
-            crops.append(V.normalize(V.random_gaussian_blur(c, rng, 0.5)))
+            crops.append(V.normalize(V.random_gaussian_blur(c, rng, 0.5), self.input_mean, self.input_std))
         return crops
 
     def collate(self, items: list) -> list[torch.Tensor]:

@@ -29,7 +29,7 @@ convnets trainings", ``main_dino.py L157-251``):
 Simplifications vs the official code (also in docs/methods.md, "DINO (ResNet)"): those of :mod:`sslrecipe.ssl.dino`
 (epoch-indexed schedules as fractions of the optimizer steps; lr floor ``pretrain.min_lr_ratio`` x peak (0 by default)
 instead of ``min_lr = 1e-6``; the loop's warmup starts at ``lr/warmup`` instead of 0; a true Gaussian blur; the
-detector's fixed normalisation instead of ImageNet statistics); no fp16 loss scaling on CPU; no LARS (the README
+encoder's normalisation, 0.5 / 0.25 from random init, instead of ImageNet statistics); no fp16 loss scaling on CPU; no LARS (the README
 recipe for ResNet-50 uses SGD). Any timm CNN is accepted, not only torchvision ResNets.
 
 Wiring: ``dino.py`` registers ``dino`` for both families; its builder hands CNN backbones to :func:`build_dino_cnn`.

@@ -135,7 +135,8 @@ class Hybrid(SparK):
             target = V.random_color_jitter(target, rng, 0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)
             target = V.random_grayscale(target, rng, 0.2)
             target = V.random_gaussian_blur(target, rng, 0.5)
-        return V.normalize(online.contiguous()), V.normalize(target.contiguous())
+        norm = (self.input_mean, self.input_std)
+        return V.normalize(online.contiguous(), *norm), V.normalize(target.contiguous(), *norm)
 
     def collate(self, items: list) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])

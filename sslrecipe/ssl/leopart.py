@@ -44,8 +44,9 @@ queue is a registered buffer (so it survives a checkpoint resume; officially it 
 the queue stores ``min(10 * batch, #foreground embeddings)`` vectors (the official code would fail when fewer
 foreground embeddings than that exist); ``log_softmax`` instead of ``log(softmax)`` (the same value, no
 ``-inf``); a crop that does not reach the minimum intersection after 100 draws is replaced by the first global
-crop's box (the official loop draws forever); blur is a true Gaussian (views.py); inputs use the detector's
-normalisation (views.py).
+crop's box (the official loop draws forever); blur is a true Gaussian (views.py); inputs are normalised with the
+mean/std of the encoder it starts from (ImageNet's for public DINO weights; 0.5 / 0.25 after our own DINO), which
+the exported encoder.json records.
 """
 
 from __future__ import annotations
@@ -342,7 +343,7 @@ class Leopart(OptimizerControl, SSLMethod):
             c = V.random_color_jitter(c, rng, 0.8, brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s)
             c = V.random_grayscale(c, rng, 0.2)
             c = V.random_gaussian_blur(c, rng, 0.5, sigma=(0.1 * o.blur_strength, 2.0 * o.blur_strength))
-            crops.append(V.normalize(c))
+            crops.append(V.normalize(c, self.input_mean, self.input_std))
         gc, allb = crop_intersection_boxes(boxes, sizes, N_GLOBAL)
         return crops + [gc, allb]
 

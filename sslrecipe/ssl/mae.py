@@ -24,8 +24,9 @@ without decay on biases and 1-D parameters, ``lr = blr * batch / 256`` with blr 
 half-cosine to 0) is set through ``pretrain.*`` keys; see docs/ssl.md for the exact keys and ``OPTIM_DEFAULTS``.
 
 Differences from the official code (also listed in docs/ssl.md):
-- inputs are normalised with the detector's fixed mean/std (views.NORM_MEAN/NORM_STD) instead of ImageNet RGB
-  statistics, so pre-training and fine-tuning see the same input scale on 1-channel thermal data;
+- inputs are normalised with the mean/std the encoder expects (``SSLMethod.input_mean`` / ``input_std``): the
+  project's 0.5 / 0.25 from random init (ImageNet RGB statistics mean nothing on 1-channel thermal data), the
+  start encoder's with ``pretrain.init`` / ``pretrain.first``; encoder.json records them for fine-tuning;
 - any patch grid is allowed (non-square inputs would work; the recipe's crops are square) and ViTs with
   register tokens or ``no_embed_class`` are handled (their extra prefix slots get zero sin-cos entries);
 - a fetched MAE checkpoint initialises the encoder only; the decoder always starts fresh (public ``_full``
@@ -140,7 +141,7 @@ class MAE(SSLMethod):
         crop, _box = V.random_resized_crop(image, self.img_size, rng, scale=self.opts.crop_scale)
         if self.opts.hflip:
             crop = V.random_hflip(crop, rng)
-        return V.normalize(crop)
+        return V.normalize(crop, self.input_mean, self.input_std)
 
     # ------------------------------------------------------------------ model
     def len_keep(self, num_patches: int) -> int:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from sslrecipe.errors import SSLRecipeError
+from sslrecipe.models.normalization import DEFAULT_MEAN, DEFAULT_STD
 
 
 def backbone_family(timm_name: str) -> str:
@@ -33,6 +34,15 @@ class SSLMethod(nn.Module):
     """Base class of every SSL method."""
 
     name: str = ""
+    #: per-channel normalisation of the [0, 1] views (views.normalize); the project's 0.5 / 0.25 unless the
+    #: pre-training starts from an encoder that expects other values (set_input_normalization)
+    input_mean: tuple[float, ...] = (DEFAULT_MEAN,)
+    input_std: tuple[float, ...] = (DEFAULT_STD,)
+
+    def set_input_normalization(self, mean, std) -> None:
+        """Normalise the views as the encoder it starts from expects (its encoder.json's ``mean`` / ``std``)."""
+        self.input_mean = tuple(float(v) for v in mean)
+        self.input_std = tuple(float(v) for v in std)
 
     def views(self, image: torch.Tensor, rng) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -57,7 +57,8 @@ Simplifications and deviations (also in docs/methods.md, section "ReSim"):
 - the lr schedule is the loop's per-step cosine without warmup (officially per-epoch cosine), with
   ``lr = blr * batch / 256`` (officially 0.03 at batch 256, the same value at that batch);
 - a batch in which no window of any image overlaps the key view contributes 0 region loss (officially NaN);
-- inputs use the detector's fixed normalisation (views.NORM_MEAN/NORM_STD) instead of ImageNet RGB statistics;
+- inputs use the encoder's normalisation (the project's 0.5 / 0.25 from random init, the start encoder's with
+  ``pretrain.init``; recorded in encoder.json) instead of always ImageNet RGB statistics;
   the blur is a true Gaussian (views.py) instead of PIL's box approximation;
 - timm's ResNets zero-initialise the last BatchNorm of every residual block; the official (torchvision) ResNet does
   not (``zero_init_residual=False``), so those weights are reset to 1 here. Other CNNs keep timm's init;
@@ -331,7 +332,7 @@ class ReSim(SSLMethod):
         img = V.random_gaussian_blur(img, rng, 0.5)  # blur before the jitter, as in ReSim's main_moco.py
         img = V.random_color_jitter(img, rng, 0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)
         img = V.random_grayscale(img, rng, 0.2)
-        return V.normalize(img)
+        return V.normalize(img, self.input_mean, self.input_std)
 
     def crops(self, image: torch.Tensor, rng) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """The two geometric views (un-normalised, no colour augmentation) and their windows."""

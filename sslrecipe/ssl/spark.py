@@ -41,8 +41,9 @@ Mapping to the official code (reference: ../shared/reference/ssl-methods.md §2;
 
 Differences from the official code (also in docs/methods.md, "SparK"):
 
-- inputs use the detector's normalisation (views.NORM_MEAN/NORM_STD) instead of ImageNet RGB statistics, so
-  1-channel thermal data works and pre-training matches fine-tuning; the decoder predicts ``in_chans`` channels;
+- inputs use the encoder's normalisation (the project's 0.5 / 0.25 from random init, the start encoder's with
+  ``pretrain.init``; recorded in encoder.json) instead of always ImageNet RGB statistics, so 1-channel thermal data
+  works and pre-training matches fine-tuning; the decoder predicts ``in_chans`` channels;
 - any timm CNN with a stride-32 feature pyramid is accepted (the official code patches timm's ResNet and ships
   its own ConvNeXt); SE blocks, global pools and GroupNorm are sparse here, dense there (see sparse.py);
 - ConvNeXt's block is timm's (Linear MLP masked per layer) instead of the official ``SparseConvNeXtBlock``
@@ -301,7 +302,7 @@ class SparK(OptimizerControl, SSLMethod):
         crop, _box = V.random_resized_crop(image, self.img_size, rng, scale=self.opts.crop_scale)
         if self.opts.hflip:
             crop = V.random_hflip(crop, rng)
-        return V.normalize(crop)
+        return V.normalize(crop, self.input_mean, self.input_std)
 
     # ------------------------------------------------------------------ model
     def mask(self, batch: int, device=None, generator: Optional[torch.Generator] = None, grid: Optional[tuple[int, int]] = None) -> torch.Tensor:

@@ -24,10 +24,12 @@ Single-channel (thermal) and other non-RGB inputs — what is done, per operatio
 - with 2 or >= 4 channels (no RGB meaning), saturation, hue and grayscale are skipped and brightness and
   contrast are applied with the mean over all channels.
 
-Normalisation: views are normalised with ``(x - NORM_MEAN) / NORM_STD`` per channel, the same constants the
-detector uses by default (``sslrecipe.detect.faster_rcnn.build_faster_rcnn``: 0.5 / 0.25), so the encoder sees
-the same input distribution in pre-training and fine-tuning. The official code uses ImageNet RGB statistics;
-for thermal and other non-RGB data those have no meaning, hence the single fixed pair.
+Normalisation: views are normalised with :func:`normalize`, ``(x - mean) / std`` per channel, with the mean/std
+of the method (``SSLMethod.input_mean`` / ``input_std``): the project's own 0.5 / 0.25 (``NORM_MEAN`` /
+``NORM_STD``) when pre-training from random init, or the values of the encoder a pre-training starts from
+(``pretrain.init`` / ``pretrain.first``; e.g. ImageNet statistics for public DINO weights). The exported encoder
+records them in ``encoder.json`` and the detector applies the same (sslrecipe.models.normalization), so the
+encoder sees the same input distribution in pre-training and fine-tuning.
 """
 
 from __future__ import annotations
@@ -40,8 +42,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import AfterValidator
 
-NORM_MEAN = 0.5
-NORM_STD = 0.25
+from sslrecipe.models.normalization import DEFAULT_MEAN as NORM_MEAN, DEFAULT_STD as NORM_STD
 
 Box = tuple[int, int, int, int]  # (top, left, height, width) in the source image's pixels
 
@@ -192,8 +193,13 @@ def random_solarize(img: torch.Tensor, rng: np.random.Generator, p: float) -> to
     return solarize(img) if rng.random() < p else img
 
 
-def normalize(img: torch.Tensor) -> torch.Tensor:
-    return (img - NORM_MEAN) / NORM_STD
+def normalize(img: torch.Tensor, mean: float | Sequence[float] = NORM_MEAN,
+              std: float | Sequence[float] = NORM_STD) -> torch.Tensor:
+    """``(img - mean) / std`` per channel of a ``(..., C, H, W)`` tensor in [0, 1]; one value for all channels,
+    or one per channel."""
+    m = torch.as_tensor(mean, dtype=img.dtype, device=img.device).reshape(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=img.dtype, device=img.device).reshape(-1, 1, 1)
+    return (img - m) / s
 
 
 # --------------------------------------------------------------------------- method options

@@ -13,6 +13,7 @@ from urllib.parse import unquote, urlparse
 import yaml
 
 from sslrecipe.errors import SSLRecipeError
+from sslrecipe.models.normalization import IMAGENET_MEAN, IMAGENET_STD, Normalization
 
 CATALOGUE_FILE = Path(__file__).with_name("catalogue.yaml")
 
@@ -68,6 +69,13 @@ class Entry:
     page: Optional[str] = None
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # the input normalisation of the weights' training, on [0, 1] inputs (ImageNet's unless the source says otherwise)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    @property
+    def normalization(self) -> Normalization:
+        return Normalization(self.mean, self.std)
 
     @property
     def cache_filename(self) -> str:
@@ -96,6 +104,8 @@ class Entry:
             "sha256_prefix": self.sha256_prefix,
             "page": self.page,
             "paper": self.paper,
+            "mean": list(self.mean),
+            "std": list(self.std),
             "notes": self.notes,
         }
 
@@ -123,7 +133,7 @@ def _parse_source(raw: Any, name: str) -> Source:
 def parse_entry(raw: dict[str, Any]) -> Entry:
     known = {
         "name", "method", "backbone", "source", "layout", "in_chans", "licence", "paper", "non_commercial",
-        "sha256", "sha256_prefix", "filename", "page", "notes",
+        "sha256", "sha256_prefix", "filename", "page", "notes", "mean", "std",
     }
     name = str(raw.get("name", "?"))
     for req in ("name", "method", "backbone", "source", "layout", "in_chans", "licence", "paper"):
@@ -132,13 +142,21 @@ def parse_entry(raw: dict[str, Any]) -> Entry:
     layout = str(raw["layout"])
     if layout not in LAYOUTS:
         raise SSLRecipeError(f"catalogue entry {name!r}: unknown layout {layout!r} (one of {', '.join(LAYOUTS)})")
+    in_chans = int(raw["in_chans"])
+    if "mean" in raw or "std" in raw:
+        norm = Normalization.from_meta(raw, in_chans, f"catalogue entry {name!r}")
+    elif in_chans == 3:
+        norm = Normalization.imagenet()
+    else:
+        raise SSLRecipeError(f"catalogue entry {name!r}: in_chans {in_chans} needs its `mean` and `std` "
+                             "(ImageNet's are assumed only for 3-channel RGB weights)")
     return Entry(
         name=name,
         method=str(raw["method"]),
         backbone=str(raw["backbone"]),
         source=_parse_source(raw["source"], name),
         layout=layout,
-        in_chans=int(raw["in_chans"]),
+        in_chans=in_chans,
         licence=str(raw["licence"]),
         paper=str(raw["paper"]),
         non_commercial=bool(raw.get("non_commercial", False)),
@@ -148,6 +166,8 @@ def parse_entry(raw: dict[str, Any]) -> Entry:
         page=raw.get("page"),
         notes=str(raw.get("notes", "")),
         extra={k: v for k, v in raw.items() if k not in known},
+        mean=norm.mean,
+        std=norm.std,
     )
 
 

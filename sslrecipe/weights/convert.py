@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import torch
 
 from sslrecipe.errors import SSLRecipeError
+from sslrecipe.models.normalization import Normalization
 from sslrecipe.weights.catalogue import LAYOUTS
 
 Warn = Callable[[str], None]
@@ -348,6 +349,8 @@ class Conversion:
     prefix: str = ""
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # the input normalisation the converted encoder expects (the source's, adapted like the first layer)
+    normalization: Optional[Normalization] = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -420,14 +423,41 @@ def _resample_vit(
     conv.notes.append(f"resampled the position embedding from a {side}x{side} to a {grid[0]}x{grid[1]} grid")
 
 
+def _set_normalization(conv: Conversion, sd: Mapping[str, torch.Tensor], model: torch.nn.Module, in_chans: int,
+                       source: Optional[Normalization]) -> None:
+    """``conv.normalization``: the source's mean/std, adapted to ``in_chans`` like the first layer's kernels."""
+    src_chans = next((int(sd[k].shape[1]) for k in _first_conv_keys(model) if k in sd and sd[k].ndim == 4), None)
+    if source is None:
+        if src_chans not in (None, 3):
+            source = Normalization.default()
+            conv.warnings.append(
+                f"the checkpoint's first layer takes {src_chans} channels and its input normalisation is unknown: "
+                f"recorded the project's {source.describe()}; check what its training used")
+        else:
+            source = Normalization.imagenet()
+    norm = source.adapted(in_chans)
+    conv.normalization = norm
+    how = ""
+    if src_chans is not None and src_chans != in_chans and source.channels > 1:
+        how = " (the means of the source channels' means and stds, as the first layer's kernels are summed)" \
+            if in_chans == 1 else " (repeated like the first layer's kernels)"
+    conv.notes.append(f"input normalization: {norm.describe()}{how}")
+
+
 def convert_state(
     obj: Any,
     timm_name: str,
     in_chans: int = 3,
     layout: Optional[str] = None,
     timm_kwargs: Optional[Mapping[str, Any]] = None,
+    normalization: Optional[Normalization] = None,
 ) -> Conversion:
-    """Convert a loaded checkpoint object into the complete state dict of ``timm.create_model(timm_name, ...)``."""
+    """Convert a loaded checkpoint object into the complete state dict of ``timm.create_model(timm_name, ...)``.
+
+    ``normalization`` is the input normalisation the checkpoint was trained with (None: ImageNet's, what every
+    supported layout's official training used, for a 3-channel first layer); the conversion's is that, adapted
+    to ``in_chans`` as the first layer is (:meth:`Normalization.adapted`).
+    """
     from sslrecipe.models.backbone import create_backbone, timm_kwargs_of
 
     if layout in (None, "", "auto"):
@@ -485,6 +515,7 @@ def convert_state(
         else:
             conv.dropped[reason] = conv.dropped.get(reason, 0) + 1
 
+    _set_normalization(conv, sd, model, in_chans, normalization)
     _adapt_first_conv(sd, model, target, conv)
     _resample_vit(sd, model, target, conv)
 
@@ -552,9 +583,38 @@ def convert_file(
     in_chans: int = 3,
     layout: Optional[str] = None,
     timm_kwargs: Optional[Mapping[str, Any]] = None,
+    normalization: Optional[Normalization] = None,
 ) -> Conversion:
-    """:func:`load_checkpoint` + :func:`convert_state`."""
-    return convert_state(load_checkpoint(path), timm_name, in_chans, layout, timm_kwargs)
+    """:func:`load_checkpoint` + :func:`convert_state`; ``normalization`` defaults to what the file records
+    (:func:`recorded_normalization`), else ImageNet's."""
+    if normalization is None:
+        normalization = recorded_normalization(path)
+    return convert_state(load_checkpoint(path), timm_name, in_chans, layout, timm_kwargs, normalization)
+
+
+def recorded_normalization(path: Path | str) -> Optional[Normalization]:
+    """The input normalisation an encoder.safetensors written by sslrecipe records in its header (files written
+    before it was recorded: the project's 0.5 / 0.25); None for any other file."""
+    import json
+
+    path = Path(path)
+    if not is_safetensors(path):
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - a damaged file is reported by load_checkpoint
+        return None
+    if "timm_name" not in header:
+        return None
+    if "mean" not in header or "std" not in header:
+        return Normalization.default()
+    try:
+        return Normalization.from_values(json.loads(header["mean"]), json.loads(header["std"]), str(path))
+    except ValueError:
+        return Normalization.default()
 
 
 def write_encoder(conv: Conversion, out_dir: Path | str, extra: Optional[dict[str, Any]] = None) -> Path:
@@ -567,7 +627,7 @@ def write_encoder(conv: Conversion, out_dir: Path | str, extra: Optional[dict[st
     model.load_state_dict(conv.state_dict, strict=True, assign=True)
     meta = {"conversion": conv.summary()}
     meta.update(extra or {})
-    export_encoder(model, out_dir, conv.timm_name, conv.timm_kwargs, extra=meta)
+    export_encoder(model, out_dir, conv.timm_name, conv.timm_kwargs, extra=meta, normalization=conv.normalization)
     return Path(out_dir)
 
 
@@ -626,7 +686,8 @@ def resolve_weights(
         if entry.in_chans != in_chans:
             say(f"{entry.name} takes {entry.in_chans} input channels; the backbone has {in_chans}: "
                 "the first layer is adapted")
-    conv = convert_file(path, timm_name, in_chans, layout, timm_kwargs)
+    conv = convert_file(path, timm_name, in_chans, layout, timm_kwargs,
+                        normalization=entry.normalization if entry is not None else None)
     if entry is None and conv.layout in NON_COMMERCIAL_LAYOUTS:
         say(
             f"licence: if this is the official {NON_COMMERCIAL_LAYOUTS[conv.layout]} release, its weights are "
