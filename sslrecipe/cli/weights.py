@@ -168,6 +168,7 @@ def convert_cmd(src: str, dst: Path, layout: str, backbone: Optional[str], in_ch
     name = backbone or (entry.backbone if entry else None)
     if name is None:
         raise SSLRecipeError("--backbone is required (a timm model name such as resnet50 or vit_small_patch16_224)")
+    _require_timm_model(name)  # before anything is read or downloaded
     chans = in_chans if in_chans is not None else (entry.in_chans if entry else None)
     if chans is None:
         chans = _checkpoint_in_chans(src, name, layout) if source == "file" else 3
@@ -192,17 +193,30 @@ def convert_cmd(src: str, dst: Path, layout: str, backbone: Optional[str], in_ch
     click.echo(str(out / "encoder.safetensors"))
 
 
+def _require_timm_model(name: str) -> None:
+    """An unknown --backbone is one message with the closest timm names, not timm's traceback."""
+    import timm
+
+    if not timm.is_model(name):
+        import torch
+
+        from sslrecipe.models.backbone import create_backbone
+
+        with torch.device("meta"):
+            create_backbone(name)  # raises SSLRecipeError naming the closest models
+
+
 def _checkpoint_in_chans(path: str, timm_name: str, layout: str) -> int:
     """The input channels of the checkpoint's first layer (so a 13-band file converts to a 13-band encoder)."""
-    import timm
     import torch
 
+    from sslrecipe.models.backbone import create_backbone
     from sslrecipe.weights.convert import detect_layout, load_checkpoint, select_state_dict
 
     sd, implied = select_state_dict(load_checkpoint(path), None, [])
     lay = layout if layout != "auto" else (implied or detect_layout(sd))
     with torch.device("meta"):
-        ref = timm.create_model(timm_name, num_classes=0)
+        ref = create_backbone(timm_name)
     first = (ref.pretrained_cfg or {}).get("first_conv") or ""
     first = first if isinstance(first, str) else first[0]
     if lay == "torchvision" and first == "patch_embed.proj":

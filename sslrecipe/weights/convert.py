@@ -26,6 +26,7 @@ Layouts (``--from``):
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import pickle
 import re
@@ -88,18 +89,72 @@ def is_safetensors(path: Path) -> bool:
     return head[8:9] == b"{" and 0 < n < 100_000_000
 
 
+#: safetensors' own limit on the JSON header; a longer one is damage, not a header.
+SAFETENSORS_MAX_HEADER = 100_000_000
+
+
+def safetensors_problem(path: Path | str) -> Optional[str]:
+    """Why ``path`` cannot be a complete safetensors file, judged from its header alone (None when it can be).
+
+    Checked before the file reaches the safetensors reader so that a truncated or hostile file gets a message
+    that says what is wrong: the length field, the JSON header, or tensor offsets beyond the end of the file.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size < 8:
+        return f"it is {size} bytes long, shorter than the 8-byte header length a safetensors file starts with"
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > SAFETENSORS_MAX_HEADER:
+            return f"its header length field says {n} bytes, more than safetensors allows ({SAFETENSORS_MAX_HEADER})"
+        if n > size - 8:
+            return f"its header length field says {n} bytes but only {size - 8} follow"
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return f"its header is not valid JSON ({e})"
+    if not isinstance(header, dict):
+        return f"its header is a JSON {type(header).__name__}, not an object of tensors"
+    data = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            return f"the header entry of tensor {name!r} has no data_offsets [begin, end]"
+        if not 0 <= offsets[0] <= offsets[1] <= data:
+            return f"tensor {name!r} has data_offsets {offsets}, outside the file's {data}-byte data section"
+    return None
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    problem = safetensors_problem(path)
+    if problem is None:
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # dtype, shape or overlap errors the header check leaves to the reader
+            problem = str(e) or type(e).__name__
+        except BaseException as e:  # a Rust panic inside safetensors (pyo3's PanicException) is no Exception
+            if type(e).__name__ != "PanicException":
+                raise
+            problem = f"the reader failed: {e}"
+    raise SSLRecipeError(
+        f"cannot read {path} as a safetensors file: {problem}. The file is truncated or damaged (or not a "
+        "safetensors file): download or copy it again"
+    )
+
+
 def load_checkpoint(path: Path | str) -> Any:
     """Read a checkpoint without executing pickled code; raise :class:`UnsafeCheckpointError` if it needs that."""
     path = Path(path)
     if not path.is_file():
         raise SSLRecipeError(f"checkpoint {path} not found")
-    if is_safetensors(path):
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as e:
-            raise SSLRecipeError(f"cannot read safetensors file {path}: {e}") from None
+    if path.suffix.lower() == ".safetensors" or is_safetensors(path):
+        return _load_safetensors(path)  # never torch.load: newer versions hand .safetensors files on unchecked
     use_mmap = zipfile.is_zipfile(path)
     try:
         with torch.serialization.safe_globals(_safe_globals()):
@@ -107,6 +162,11 @@ def load_checkpoint(path: Path | str) -> Any:
     except pickle.UnpicklingError as e:
         text = str(e)
         m = re.search(r"GLOBAL ([\w.]+)", text)
+        if m is None and "reduce" not in text.lower():  # not a refused object: the pickle itself is damaged
+            raise SSLRecipeError(
+                f"cannot read {path} as a torch checkpoint or safetensors file ({_first_line(text)}); "
+                "is the file complete? Download or copy it again"
+            ) from None
         what = f"`{m.group(1)}`" if m else "objects other than tensors and plain containers"
         raise UnsafeCheckpointError(
             f"refused to load {path}: unpickling it would construct or call {what}, which can run arbitrary code. "
@@ -116,11 +176,20 @@ def load_checkpoint(path: Path | str) -> Any:
             "safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, 'clean.safetensors')`, "
             "and convert that file instead."
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+    except Exception as e:  # noqa: BLE001 - a damaged or hostile file may make the unpickler raise anything
         raise SSLRecipeError(
             f"cannot read {path} as a torch checkpoint or safetensors file ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); is the file complete?"
+            f"{_first_line(str(e))}); is the file complete?"
         ) from None
+
+
+def _first_line(text: str) -> str:
+    """The line of an error that says what is wrong (torch puts the reason after a paragraph of advice)."""
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else ""
 
 
 # --------------------------------------------------------------------------- state dict selection

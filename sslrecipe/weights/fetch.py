@@ -9,7 +9,9 @@ Where files live
     Checksums:      ``$SSLRECIPE_CACHE/checksums.json`` records the SHA-256 of every file whose checksum was not
                     known beforehand (trust on first use); later uses verify against it.
 
-Every use verifies: a checksum given by the caller or the catalogue always wins, a recorded one comes next.
+Every use verifies: a checksum given by the caller or the catalogue always wins, a recorded one comes next. A
+cached file that fails only against a checksum the caller gave, but matches the one it was verified with before,
+is kept (the given checksum is the likelier typo) and the error says so.
 Downloads go to a temporary file in the destination folder, are verified, and only then renamed into place,
 so a truncated transfer or a wrong checksum never leaves a file behind.
 """
@@ -285,6 +287,15 @@ def _verify(
     return actual, False, None
 
 
+def _verified_before(actual: str, key: str, entry: Optional[Entry], registry: ChecksumRegistry) -> Optional[str]:
+    """How a cached file with digest ``actual`` was verified earlier (a phrase for messages), or None."""
+    if registry.get(key) == actual:
+        return f"was verified when it was cached (recorded in {registry.path})"
+    if entry is not None and entry.sha256 == actual:
+        return f"is the catalogue's checksum for {entry.name}"
+    return None
+
+
 def _remove(path: Path) -> None:
     """Remove a cached file; for a hub snapshot symlink, its blob too."""
     try:
@@ -308,11 +319,14 @@ def fetch(
 ) -> Fetched:
     """Return a verified local copy of ``spec`` (catalogue name, URL or ``hf://REPO/FILE[@REV]``).
 
-    ``sha256`` overrides the catalogue's checksum. Raises :class:`ChecksumError` on a mismatch (nothing is left
-    in the cache) and :class:`OfflineError` when the file is not cached and cannot be downloaded.
+    ``sha256`` overrides the catalogue's checksum. Raises :class:`ChecksumError` on a mismatch: a download with the
+    wrong checksum is deleted, a cached copy whose checksum was verified earlier (recorded, or the catalogue's) is
+    kept, since the given ``sha256`` is then the likelier mistake. Raises :class:`OfflineError` when the file is not
+    cached and cannot be downloaded.
     """
     fs = parse_spec(spec)
-    expected = _normalise_sha(sha256) or (fs.entry.sha256 if fs.entry else None)
+    given = _normalise_sha(sha256)
+    expected = given or (fs.entry.sha256 if fs.entry else None)
     prefix = fs.entry.sha256_prefix if fs.entry else None
     registry = ChecksumRegistry()
     key = fs.source.key
@@ -327,6 +341,13 @@ def fetch(
         actual, recorded, problem = _verify(cached, key, expected, prefix, registry)
         if problem is None:
             return Fetched(cached, actual, fs.source, fs.entry, downloaded=False, recorded=recorded)
+        trusted = _verified_before(actual, key, fs.entry, registry)
+        if given is not None and trusted:  # a mistyped checksum must not cost the good copy
+            raise ChecksumError(
+                f"the sha256 given (--sha256 / weights.sha256) does not match the cached copy of {key}: expected "
+                f"{given}, the file has {actual}, which {trusted}. The cached copy was kept at {cached}. Check "
+                "the checksum you gave; if the file really changed upstream, delete the cached copy and fetch again."
+            )
         if is_offline():
             raise ChecksumError(
                 f"the cached copy of {key} at {cached} is not the expected file: {problem}. "
