@@ -27,7 +27,7 @@ from sslrecipe.cli import main
 from sslrecipe.data.synth import generate_synthetic
 
 TINY = Path(__file__).with_name("tiny.yaml")
-PRETRAIN = ("--set", "weights.source=pretrain", "--set", "pretrain.method=mae")
+PRETRAIN = ("--set", "weights.source=pretrain", "--set", "pretrain.method=spark")
 
 
 def cli(*args: str):
@@ -112,6 +112,14 @@ def test_a_split_given_beside_synthetic_wins(tmp_path, lab, given, evaluated):
     assert sources["train"]["from"] == "data.synthetic"
 
 
+def test_synthetic_beside_a_given_train_set_is_said_to_be_unused(tmp_path, lab):
+    res = run_data(tmp_path / "r", f"{{train: {src(lab)}, synthetic: {{images: 8, width: 64, height: 64}}}}")
+    assert res.exit_code == 0, res.output
+    assert "warning: data.synthetic is not used: data.train is given" in res.output
+    assert not (data_dir(tmp_path / "r") / "synthetic").exists()  # nothing generated
+    assert f"train: 4 images from data.train ({lab}, 60% of it)" in res.output
+
+
 def test_the_leak_guard_compares_the_pool_with_the_given_test_set(tmp_path):
     # the given test set holds copies of the run's own synthetic images: the training share is pre-trained on
     copies = generate_synthetic(tmp_path / "copies", images=16, width=64, height=64, seed=0, objects_per_image=(2, 4))
@@ -136,9 +144,9 @@ def test_the_given_test_set_enters_the_data_and_pool_hashes(tmp_path, lab):
     assert len(list((tmp_path / "r").glob("data-*/done.json"))) == 2
 
     stage = build_pipeline().by_name["pretrain"]
-    alone = load_recipe(TINY, ["data.synthetic.images=16", "weights.source=pretrain", "pretrain.method=mae"])
+    alone = load_recipe(TINY, ["data.synthetic.images=16", "weights.source=pretrain", "pretrain.method=spark"])
     given = load_recipe(TINY, [f"data.test={src(test)}", "data.synthetic.images=16", "weights.source=pretrain",
-                               "pretrain.method=mae"])
+                               "pretrain.method=spark"])
     # a given test set changes what the synthetic training share (the default pool) is
     assert stable_hash(stage.config(alone)) != stable_hash(stage.config(given))
 

@@ -59,8 +59,10 @@ class ConsoleReporter:
             elif e.get("name") == "data/sources" and isinstance(value, dict):  # which set each split came from
                 for split, o in value.items():
                     n = o.get("images")
+                    where = ", ".join(([str(o["file"])] if "file" in o else [])
+                                      + ([f"{o['share']:.0%} of it"] if "share" in o else []))
                     self._say(f"[{stage}] {split}: {n} image{'' if n == 1 else 's'} from {o.get('from')}"
-                              + (f" ({o['file']})" if o.get("file") else f" ({o.get('share', 1):.0%} of it)"))
+                              + (f" ({where})" if where else ""))
         elif kind == "warning":
             self._say(f"[{stage or 'run'}] warning: {e.get('message')}", style="yellow")
         elif kind == "stage_end":

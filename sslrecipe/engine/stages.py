@@ -228,7 +228,8 @@ def _require_images(ctx: StageContext, splits: dict[str, tuple[dict, Path]], ori
 
     def described(name: str) -> str:
         o = origin[name]
-        return f"{o['from']} ({o['file']})" if "file" in o else f"{o['share']:.0%} of {o['from']}"
+        named = f"{o['from']} ({o['file']})" if "file" in o else o["from"]
+        return f"{o['share']:.0%} of {named}" if "share" in o else named
 
     if not splits["train"][0]["images"]:
         pool = (" The pre-training pool, the training images (data.unlabeled is null), is empty too."
