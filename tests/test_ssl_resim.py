@@ -73,6 +73,8 @@ def test_region_pooling_is_prroipool_not_roi_align():
     touched = m.grad[0, 0].nonzero()
     assert touched.min().item() == 1 and touched.max().item() == 3
     assert prroi_pool(maps, torch.tensor([[[5.0, 5, 5, 9]]] * 2), 1 / 16).abs().max() == 0  # empty box -> 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the loop's autocast does not drop it to bf16
+        assert torch.equal(prroi_pool(maps, boxes, 1 / 16), got)
 
 
 def test_window_grid_is_the_official_one():

@@ -172,16 +172,18 @@ def prroi_pool(maps: torch.Tensor, boxes: torch.Tensor, scale: float) -> torch.T
     integral is ``sum_ij F[i, j] wy_i wx_j`` with ``w_j`` the exact integral of cell ``j``'s hat over the box.
     """
     h, w = maps.shape[-2:]
-    bx = boxes.to(maps.dtype) * scale
-    x0, y0, x1, y1 = bx.unbind(-1)
-    cells_x = torch.arange(w, dtype=maps.dtype, device=maps.device)
-    cells_y = torch.arange(h, dtype=maps.dtype, device=maps.device)
-    wx = _hat_cdf(x1[..., None] - cells_x) - _hat_cdf(x0[..., None] - cells_x)  # (B, n, W)
-    wy = _hat_cdf(y1[..., None] - cells_y) - _hat_cdf(y0[..., None] - cells_y)  # (B, n, H)
-    weights = (wy[..., :, None] * wx[..., None, :]).flatten(-2)  # (B, n, H*W)
-    total = torch.bmm(weights, maps.flatten(2).transpose(1, 2))  # (B, n, C)
-    area = ((x1 - x0).clamp_min(0) * (y1 - y0).clamp_min(0))[..., None]
-    return torch.where(area > 0, total / area.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(total))
+    # in the maps' own precision even under autocast (bmm would drop to bf16/fp16; roi_align stayed in fp32)
+    with torch.autocast(device_type=maps.device.type, enabled=False):
+        bx = boxes.to(maps.dtype) * scale
+        x0, y0, x1, y1 = bx.unbind(-1)
+        cells_x = torch.arange(w, dtype=maps.dtype, device=maps.device)
+        cells_y = torch.arange(h, dtype=maps.dtype, device=maps.device)
+        wx = _hat_cdf(x1[..., None] - cells_x) - _hat_cdf(x0[..., None] - cells_x)  # (B, n, W)
+        wy = _hat_cdf(y1[..., None] - cells_y) - _hat_cdf(y0[..., None] - cells_y)  # (B, n, H)
+        weights = (wy[..., :, None] * wx[..., None, :]).flatten(-2)  # (B, n, H*W)
+        total = torch.bmm(weights, maps.flatten(2).transpose(1, 2))  # (B, n, C)
+        area = ((x1 - x0).clamp_min(0) * (y1 - y0).clamp_min(0))[..., None]
+        return torch.where(area > 0, total / area.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(total))
 
 
 # --------------------------------------------------------------------------- model parts
