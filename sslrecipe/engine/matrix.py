@@ -68,7 +68,34 @@ class Cell:
 
 
 def _slug(value: Any) -> str:
+    if isinstance(value, str) and ("/" in value or "\\" in value):  # a path: its file name says enough
+        value = Path(value).stem
     return "".join(c if c.isalnum() or c in ".-" else "_" for c in str(value))
+
+
+# keys whose values are paths: relative ones in arms and axes are relative to the recipe file, like the
+# recipe's own data paths (the loader resolves those)
+_PATH_KEYS = {"data.unlabeled", "data.images", "weights.path", "pretrain.init.path", "pretrain.first.init.path",
+              *(f"data.{s}{sub}" for s in ("train", "val", "test") for sub in ("", ".annotations", ".images"))}
+
+
+def _absolute(key: str, value: Any, base: Path) -> Any:
+    if isinstance(value, dict):  # e.g. data.train: {annotations, images}
+        return {k: _absolute(f"{key}.{k}", v, base) for k, v in value.items()}
+    if key in _PATH_KEYS and isinstance(value, str) and value and "://" not in value and not Path(value).is_absolute():
+        return str((base / value).resolve())
+    return value
+
+
+def with_absolute_paths(recipe: Recipe, base: Path) -> Recipe:
+    """The recipe with the relative paths its matrix arms and axes set made absolute against `base` (the recipe
+    file's folder), so RUN/resolved.yaml runs from anywhere."""
+    m = recipe.matrix
+    if m is None:
+        return recipe
+    arms = [a.model_copy(update={"set": {k: _absolute(k, v, base) for k, v in a.set.items()}}) for a in m.arms]
+    axes = {k: [_absolute(k, v, base) for v in values] for k, values in m.axes.items()}
+    return recipe.model_copy(update={"matrix": m.model_copy(update={"arms": arms, "axes": axes})})
 
 
 def baseline_arm(recipe: Recipe) -> Optional[str]:

@@ -74,8 +74,10 @@ def run_recipe(
         recipe = apply_method_defaults(recipe)
     check_inputs(recipe, recipe_file)  # before any work: every missing path at once, with the key to set
     if recipe.matrix is not None:
-        from sslrecipe.engine.matrix import matrix_cells, run_matrix
+        from sslrecipe.engine.matrix import matrix_cells, run_matrix, with_absolute_paths
 
+        if recipe_file is not None:
+            recipe = with_absolute_paths(recipe, Path(recipe_file).resolve().parent)
         for cell in matrix_cells(recipe):  # an arm may set its own paths
             check_inputs(cell.recipe, recipe_file, what=f"matrix cell {cell.name}")
 

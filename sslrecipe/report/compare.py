@@ -300,7 +300,7 @@ class Value:
         if self.std is not None:
             out += f" ± {self.std:.{digits}f}"
         if self.delta is not None:
-            out += f" ({self.delta:+.{digits}f})"
+            out += f" ({round(self.delta, digits) + 0.0:+.{digits}f})"  # + 0.0: no "-0.0"
         return out
 
 
@@ -408,6 +408,13 @@ def _csv_name(c: Column) -> str:
 
 def _num(v: Optional[float]) -> str:
     return "" if v is None else f"{v:.4g}" if abs(v) < 1 else f"{v:.4f}".rstrip("0").rstrip(".")
+
+
+def _short(v: Any) -> str:
+    """A path's file name without its suffix (rgb.json -> rgb); anything else as written."""
+    if isinstance(v, str) and ("/" in v or "\\" in v):
+        return Path(v).stem
+    return _fmt_key(v)
 
 
 def _fmt_key(v: Any) -> str:
@@ -539,14 +546,20 @@ def _flat(records: list[RunRecord], metrics: Optional[list[str]], matrix: Option
 def _survey(records: list[RunRecord], layout: Layout, metrics: Optional[list[str]]) -> Table:
     flats = [flatten(r.recipe) for r in records]
     facets = ("method", "backbone") + ((layout.group_by,) if layout.group_by else ())
-    extras = [k for k in differing_keys(flats, ignore=SURVEY_REPLICATES) if not _explained(k, facets)]
+    differing = differing_keys(flats, ignore=SURVEY_REPLICATES)
+    extras = [k for k in differing if not _explained(k, facets)]
+    # Table IV's domains: the labeled data that differs between the runs (e.g. rgb.json / ir.json), else the channels
+    domain_keys = [k for k in differing if _explained(k, ("domain",)) and k != "backbone.in_chans"]
     info = []
     for r, f in zip(records, flats):
         method, init = method_of(f)
         extra = {k: f.get(k) for k in extras}
         label = f"{method_label(method, init)} {backbone_label(f.get('backbone.name'))}"
         label += "".join(f" · {k}={_fmt_key(v)}" for k, v in extra.items())
-        group = domain_of(f) if layout.group_by == "domain" else shots_of(f) if layout.group_by == "shots" else None
+        if layout.group_by == "domain":
+            group = "/".join(_short(f.get(k)) for k in domain_keys) if domain_keys else domain_of(f)
+        else:
+            group = shots_of(f) if layout.group_by == "shots" else None
         info.append({"record": r, "label": label, "group": group, "method": method, "init": init,
                      "backbone": f.get("backbone.name"), "extra": extra, "shots": f.get("data.shots")})
     groups: list[Optional[str]] = []
@@ -589,5 +602,6 @@ def _survey(records: list[RunRecord], layout: Layout, metrics: Optional[list[str
         notes.append("(delta): own-data pre-training minus the same method and backbone with public weights, as in "
                      "Table VI (there: SSL-IR minus ImageNet).")
     if layout.group_by == "domain":
-        notes.append("Domain from backbone.in_chans: 1 channel = IR, 3 = RGB.")
+        notes.append(f"Domains: {', '.join(domain_keys)} (the data that differs between the runs)." if domain_keys
+                     else "Domain from backbone.in_chans: 1 channel = IR, 3 = RGB.")
     return Table(layout.name, layout.title, columns, rows, notes)
