@@ -1,7 +1,6 @@
 """Loading and comparing the official numbers recorded by ``benchmarks/fidelity/`` (issue 14, item 8).
 
-Used by ``test_fidelity_mae.py``, ``test_fidelity_dino.py`` and ``test_fidelity_leopart.py``; none of them needs the
-official code. Tolerances (stated once, here):
+Used by every ``test_fidelity_<name>.py``; none of them needs the official code. Tolerances (stated once, here):
 
 - a loss: **relative 1e-4** (``math.isclose(ours, official, rel_tol=1e-4)``); float32 rounding gives ~1e-7;
 - a per-parameter gradient or change, summarised by its norm and its fingerprint (the projection on a fixed unit

@@ -1,4 +1,4 @@
-"""Helpers shared by the fidelity recorders ``mae.py``, ``dino.py`` and ``leopart.py`` (issue 14, item 8).
+"""Helpers shared by the fidelity recorders in this folder (issue 14, item 8).
 
 Nothing here belongs to an official repository: these are the fixed-weight, fixed-input and recording conventions
 the three scripts share, and the thin stand-ins that let official GPU/cluster code run in one CPU process (each one
