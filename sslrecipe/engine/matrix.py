@@ -255,6 +255,8 @@ def run_matrix(
                 message = str(e) if isinstance(e, SSLRecipeError) else f"{type(e).__name__}: {e}"
                 failed.append((cell.name, message))
                 say(f"cell {cell.name} failed: {message}")
+            if i < len(to_run):
+                write_comparison(recipe, run_dir, cells)  # the table so far, for whoever watches
     finally:
         write_comparison(recipe, run_dir, cells)
     if failed:
