@@ -143,11 +143,16 @@ def run_dirs(paths: Iterable[str | Path]) -> list[tuple[Path, str]]:
             continue
         if not p.is_dir():
             raise DataError(f"{p}: no such run directory")
-        inside = sorted(c for c in p.iterdir() if c.is_dir() and is_run_dir(c))
-        if not inside:
+        found = []
+        for child in sorted(c for c in p.iterdir() if c.is_dir()):
+            if is_run_dir(child):
+                found.append((child, f"{p.name}/{child.name}"))
+            else:  # a matrix run inside a runs folder: its cells
+                found += [(c, f"{child.name}/{c.name}") for c in sorted(child.iterdir()) if c.is_dir() and is_run_dir(c)]
+        if not found:
             raise DataError(f"{p}: not a run directory (no events.jsonl) and no runs inside it; give run directories, "
                             "e.g. runs/<name>-<timestamp> or a matrix run's folder")
-        out.extend((c, f"{p.name}/{c.name}") for c in inside)
+        out.extend(found)
     return out
 
 
