@@ -1,5 +1,7 @@
 """Recipe schema and loading: what a user sees when a recipe is wrong, extends and --set."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,57 @@ def test_cli_validate_print_and_errors(tmp_path):
     assert "backbone.in_chans" in res.output and "Traceback" not in res.output
     res = runner.invoke(main, ["validate", str(tmp_path / "missing.yaml")])
     assert res.exit_code == 2 and "not found" in res.output
+
+
+def test_string_keys_keep_the_text_the_user_typed(tmp_path):
+    """YAML reads 000...0 as the integer 0 and 2024 as a number: a key whose type is a string keeps the text."""
+    zeros = "0" * 64
+    base = write(tmp_path / "base.yaml", "name: 2024\ndata:\n  synthetic: {}\nweights: {source: fetch, id: x, sha256: 12}\n")
+    f = write(tmp_path / "r.yaml", "extends: base.yaml\nweights:\n  sha256: 'abc'\n")
+    r = load_recipe(f)
+    assert r.name == "2024" and r.weights.sha256 == "abc"  # the child's quoted string wins over the base's text
+    r = load_recipe(base, [f"weights.sha256={zeros}", "weights.id=1e3", "seed=5", "finetune.lr=1e-3"])
+    assert r.weights.sha256 == zeros and r.weights.id == "1e3"
+    assert r.seed == 5 and r.finetune.lr == 1e-3  # numbers stay numbers where the key is a number
+    res = CliRunner().invoke(main, ["validate", str(base), "--set", f"weights.sha256={zeros}", "--print"])
+    assert res.exit_code == 0, res.output
+    assert yaml.safe_load(res.output)["weights"]["sha256"] == zeros
+
+
+def test_a_matrix_value_for_a_string_key_keeps_its_text(tmp_path):
+    f = write(tmp_path / "r.yaml", "data: {synthetic: {}}\nweights: {source: fetch, id: x}\n"
+                                   "matrix:\n  axes: {weights.sha256: [0000, 1111]}\n")
+    assert load_recipe(f).matrix.axes["weights.sha256"] == ["0000", "1111"]
+
+
+def test_a_mapping_with_an_unknown_key_reports_only_that_key(tmp_path):
+    f = write(tmp_path / "r.yaml", "data:\n  train: {annotations: a.json, Images: img}\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(f)
+    msg = str(e.value)
+    assert "unknown key 'data.train.Images'. Did you mean 'data.train.images'?" in msg and f"{f}:2:32" in msg
+    assert "valid string" not in msg  # not the other member of the path-or-mapping union
+
+
+def test_a_valid_matrix_and_the_shipped_recipes_pass_the_registry_and_timm_checks(tmp_path):
+    f = write(tmp_path / "m.yaml", "data: {synthetic: {}}\nmatrix:\n  arms:\n    - {name: scratch}\n"
+                                   "    - {name: dino, set: {weights.source: pretrain, pretrain.method: dino, pretrain.img_size: 64}}\n"
+                                   "  axes: {backbone.name: [resnet18, resnet34]}\n")
+    for recipe in [f, *sorted((REPO / "recipes").glob("**/*.yaml"))]:
+        res = CliRunner().invoke(main, ["validate", str(recipe)])
+        assert res.exit_code == 0 and res.output.endswith(": valid\n"), res.output
+
+
+def test_reading_a_recipe_imports_neither_torch_nor_timm():
+    """`load_recipe` (the TUI, the advisor, `validate`'s first step) and the CLI's start stay light: the checks
+    that need the registry and timm import them only when they run."""
+    code = (
+        "import sys\n"
+        "import sslrecipe.cli, sslrecipe.recipe.checks\n"
+        "from sslrecipe.recipe import load_recipe\n"
+        f"load_recipe({str(REPO / 'recipes' / 'quickstart.yaml')!r}, ['finetune.epochs=2'])\n"
+        "heavy = [m for m in ('torch', 'timm', 'torchvision') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -8,7 +8,7 @@ import click
 
 from sslrecipe.engine.names import STAGE_ORDER
 
-from sslrecipe.recipe import load_recipe, recipe_to_yaml
+from sslrecipe.recipe import recipe_to_yaml
 
 _SET_HELP = "Override a recipe key, value parsed as YAML (repeatable): --set finetune.epochs=2"
 
@@ -18,8 +18,11 @@ _SET_HELP = "Override a recipe key, value parsed as YAML (repeatable): --set fin
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
 @click.option("--print", "print_", is_flag=True, help="Print the fully resolved recipe as YAML.")
 def validate(recipe: str, overrides: tuple[str, ...], print_: bool) -> None:
-    """Check a recipe (types, unknown keys, extends, overrides) without running it."""
-    resolved = load_recipe(recipe, overrides)
+    """Check a recipe without running it: types, unknown keys, extends, overrides, and what the SSL methods and
+    timm refuse (unknown method, options or backbone, img_size against the stride/patch), every matrix cell."""
+    from sslrecipe.recipe.checks import check_recipe_file
+
+    resolved = check_recipe_file(recipe, overrides)
     if resolved.weights.source == "pretrain":
         from sslrecipe.ssl.registry import apply_method_defaults  # the method's official optimizer keys
 
@@ -30,21 +33,27 @@ def validate(recipe: str, overrides: tuple[str, ...], print_: bool) -> None:
         click.echo(f"{recipe}: valid")
 
 
-def _apply_wait_policy(target: str, overrides: tuple[str, ...]) -> None:
-    """runtime.omp_wait_policy must be in the environment before torch loads, so read it first.
+def _check_before_run(target: str, overrides: tuple[str, ...]) -> None:
+    """Load and check the recipe before any stage runs or any run directory is made: a recipe error ends the
+    command here (exit 2), not after the data stage.
 
-    A recipe that does not load is left for the run to report, with its full message.
-    """
+    runtime.omp_wait_policy must be in the environment before torch loads, so it is applied between reading the
+    recipe (no torch) and the checks (which import the methods and timm)."""
     from pathlib import Path
 
     from sslrecipe.engine.cpu_threads import apply_wait_policy
-    from sslrecipe.errors import SSLRecipeError
+    from sslrecipe.errors import RecipeError
+    from sslrecipe.recipe.checks import check_recipe
+    from sslrecipe.recipe.loader import load_recipe_and_raw
 
-    path = Path(target) / "resolved.yaml" if Path(target).is_dir() else Path(target)
-    try:
-        apply_wait_policy(load_recipe(path, overrides).runtime.omp_wait_policy)
-    except SSLRecipeError:
-        pass
+    path = Path(target)
+    if path.is_dir():  # a run directory: resume it with its own resolved.yaml
+        path = path / "resolved.yaml"
+        if not path.is_file():
+            raise RecipeError(f"{target} is a directory without resolved.yaml: give a recipe file or a run directory")
+    recipe, raw = load_recipe_and_raw(path, overrides)
+    apply_wait_policy(recipe.runtime.omp_wait_policy)
+    check_recipe(recipe, raw)
 
 
 @click.command()
@@ -64,7 +73,7 @@ def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, until: str
     Finished stages are skipped; an interrupted stage resumes from its last checkpoint.
     Ctrl-C stops gracefully with a checkpoint.
     """
-    _apply_wait_policy(recipe, overrides)
+    _check_before_run(recipe, overrides)
     from sslrecipe.engine.loop import Interrupted  # torch is imported only when a run starts
     from sslrecipe.engine.matrix import MatrixFailed
     from sslrecipe.engine.runner import run_recipe

@@ -7,18 +7,46 @@ so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+import math
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DATA_FORMATS = ("auto", "coco", "yolo", "voc", "hit-uav")
 DataFormat = Literal["auto", "coco", "yolo", "voc", "hit-uav"]
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
+
+
+def _plain_name(v: str) -> str:
+    # the name becomes a directory under runs/ (or under a matrix run): it must stay there
+    if not v or v in (".", "..") or any(c in v for c in "/\\") or any(ord(c) < 32 for c in v) or len(v) > 100:
+        raise ValueError(
+            f"{v!r} is not a plain name: it names a directory (runs/<name>-<timestamp>), so it may not be empty, "
+            "'.' or '..', or hold '/', '\\' or control characters (at most 100 characters); choose a path with "
+            "--run-dir instead"
+        )
+    return v
+
+
+PlainName = Annotated[str, AfterValidator(_plain_name)]
+
+
+def _finite(value: Any, key: str = "") -> None:
+    """Raise on a non-finite float anywhere in a free mapping (method options, timm kwargs)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{key or 'value'} must be a finite number (got {value})")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _finite(v, f"{key}[{i}]")
 
 
 class Section(BaseModel):
-    """Base of every recipe section: strict about unknown keys, validated on assignment."""
+    """Base of every recipe section: strict about unknown keys, validated on assignment, numbers finite."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- data
@@ -30,7 +58,7 @@ class SyntheticConfig(Section):
     images: int = Field(120, ge=1, description="Number of images to generate.")
     width: int = Field(320, ge=32, description="Image width in pixels.")
     height: int = Field(256, ge=32, description="Image height in pixels.")
-    seed: Optional[int] = Field(None, description="Generator seed; null = the recipe's `seed`.")
+    seed: Optional[int] = Field(None, ge=0, le=SEED_MAX, description="Generator seed; null = the recipe's `seed`.")
     objects_per_image: tuple[int, int] = Field(
         (3, 12), description="Inclusive range [min, max] of objects placed in each image."
     )
@@ -97,7 +125,7 @@ class DataConfig(Section):
         None, ge=1, description="Use only this many labeled training images (seeded; every class kept where possible). null = all."
     )
     shots_seed: Optional[int] = Field(
-        None, ge=0, description="Seed that picks the `shots` images; null = the recipe's `seed`. Only the few-shot "
+        None, ge=0, le=SEED_MAX, description="Seed that picks the `shots` images; null = the recipe's `seed`. Only the few-shot "
         "subset depends on it (pre-training is reused): a matrix axis over it resamples the labeled subset."
     )
     split: tuple[float, float, float] = Field(
@@ -149,6 +177,12 @@ class BackboneConfig(Section):
     in_chans: int = Field(3, ge=1, description="Input channels (1 for single-band thermal; the first layer is adapted as timm does).")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for timm.create_model.")
 
+    @field_validator("kwargs")
+    @classmethod
+    def _finite_kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        _finite(v)
+        return v
+
 
 class WeightsConfig(Section):
     """Where the encoder's initial weights come from."""
@@ -179,7 +213,7 @@ class OptimConfig(Section):
     lr: Optional[float] = Field(None, gt=0, description="Peak learning rate; null = `blr` x batch_size / 256 (linear scaling rule).")
     blr: float = Field(1e-4, gt=0, description="Base learning rate per 256 images, used when `lr` is null.")
     weight_decay: float = Field(0.05, ge=0, description="Weight decay (not applied to biases and norm parameters).")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam/LAMB betas.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam/LAMB betas, each in [0, 1).")
     momentum: float = Field(0.9, ge=0, description="SGD momentum.")
     schedule: Literal["cosine", "step", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
     warmup_steps: Optional[int] = Field(None, ge=0, description="Linear warmup steps; null = `warmup_fraction` of training.")
@@ -189,6 +223,13 @@ class OptimConfig(Section):
     gamma: float = Field(0.2, gt=0, description="`step` schedule: lr multiplier at each milestone (the survey's x0.2).")
     clip_grad: Optional[float] = Field(None, gt=0, description="Clip the gradient norm to this value; null = no clipping.")
     accumulate: int = Field(1, ge=1, description="Gradient accumulation: optimizer step every N batches.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("each beta must be in [0, 1), e.g. [0.9, 0.999]")
+        return v
 
     def peak_lr(self, batch_size: int) -> float:
         return self.lr if self.lr is not None else self.blr * batch_size * self.accumulate / 256
@@ -215,6 +256,12 @@ class PretrainConfig(OptimConfig):
         "from, e.g. `first: {method: dino, epochs: 100}` before `method: leopart`. Same keys as `pretrain`; one level.",
     )
 
+    @field_validator("options")
+    @classmethod
+    def _finite_options(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        _finite(v)
+        return v
+
     @model_validator(mode="after")
     def _length(self) -> "PretrainConfig":
         if self.epochs is None and self.steps is None:
@@ -237,7 +284,7 @@ class FinetuneConfig(OptimConfig):
 
     detector: Literal["faster_rcnn", "mask_rcnn", "yolo"] = Field("faster_rcnn", description="Detector architecture.")
     seed: Optional[int] = Field(
-        None, ge=0, description="Seed of fine-tuning alone (detector head init, data order, augmentation); null = the "
+        None, ge=0, le=SEED_MAX, description="Seed of fine-tuning alone (detector head init, data order, augmentation); null = the "
         "recipe's `seed`. Changing it reruns fine-tuning only, on the same pre-training and labeled subset (`matrix.seeds`)."
     )
     epochs: Optional[int] = Field(12, ge=1, description="Epochs over the (few-shot) training set.")
@@ -320,7 +367,7 @@ class RuntimeConfig(Section):
 class MatrixArm(Section):
     """One named variant of the recipe."""
 
-    name: str = Field(..., description="Arm name (used in the run directory and the comparison table).")
+    name: PlainName = Field(..., description="Arm name (used in the run directory and the comparison table); a plain name, unique among the arms.")
     set: dict[str, Any] = Field(default_factory=dict, description="Dotted-key overrides for this arm, as with --set.")
 
 
@@ -342,9 +389,15 @@ class MatrixConfig(Section):
 class Recipe(Section):
     """A complete sslrecipe run: data -> [pretrain] -> weights -> finetune -> evaluate -> report."""
 
-    name: str = Field("run", description="Run name; the default run dir is runs/<name>-<timestamp>.")
-    seed: int = Field(0, description="Seed for sampling, augmentation, initialisation and the synthetic generator.")
-    extends: Union[str, list[str], None] = Field(None, description="Base recipe(s) deep-merged under this one (paths relative to this file).")
+    name: PlainName = Field(
+        "run", description="Run name; the default run dir is runs/<name>-<timestamp>. A plain name (no '/' or '..'): "
+        "`--run-dir` chooses another place."
+    )
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed for sampling, augmentation, initialisation and the synthetic generator (0 to 2^32-1).")
+    extends: Union[str, list[str], None] = Field(
+        None, description="Base recipe(s) deep-merged under this one (paths relative to this file); written in a recipe "
+        "file only (`--set extends=...` is an error: the bases are merged as the file is read)."
+    )
     data: DataConfig = Field(default_factory=DataConfig, description="Datasets.")
     backbone: BackboneConfig = Field(default_factory=BackboneConfig, description="Encoder.")
     weights: WeightsConfig = Field(default_factory=WeightsConfig, description="Initial encoder weights.")
