@@ -12,11 +12,11 @@ run replaces `data:` with your data. On a CPU this takes a while at the written 
 import sys
 from pathlib import Path
 
+from _tiny import TINY_SETS, tiny
+
 from sslrecipe.engine.runner import run_recipe
 from sslrecipe.guide.advisor import advise
 from sslrecipe.guide.write import write_recipe
-
-from _tiny import TINY_SETS, tiny
 
 out = Path(next((a for a in sys.argv[1:] if not a.startswith("--")), "runs/example-advised"))
 out.mkdir(parents=True, exist_ok=True)

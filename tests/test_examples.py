@@ -119,7 +119,7 @@ def test_survey_layouts_match_the_recipes():
 def run_example(name, *args, cwd):
     env = {**os.environ, "SSLRECIPE_EXAMPLES_TINY": "1", "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, str(EXAMPLES / name), *map(str, args)], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, check=False)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res.stdout
 

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Optional
 
 from rich.text import Text
+from sslrecipe.tui.common import error_message, guarded, status_text
+from sslrecipe.tui.runs import RunWatcher, format_value
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -15,8 +17,6 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
 from sslrecipe.report.compare import LAYOUTS, RunRecord, Table, build_table, matrix_of
-from sslrecipe.tui.common import error_message, guarded, status_text
-from sslrecipe.tui.runs import RunWatcher, format_value
 
 MAX_KEYS = 5
 

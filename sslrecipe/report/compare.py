@@ -492,8 +492,8 @@ def _metric_columns(records: list[RunRecord], wanted: list[str], labels: dict[st
 
 
 def _flat(records: list[RunRecord], metrics: Optional[list[str]], matrix: Optional[dict[str, Any]]) -> Table:
-    notes = ["COCO box metrics and the survey's class-agnostic AP, AP_S@0.3, AP@0.05 and F1, in percent, on each "
-             "run's evaluation split."]
+    notes = [("COCO box metrics and the survey's class-agnostic AP, AP_S@0.3, AP@0.05 and F1, in percent, on each "
+              "run's evaluation split.")]
     baseline = None
     if matrix is not None:
         key_names = (["arm"] if matrix.get("arms") else []) + list(matrix.get("axes") or [])
