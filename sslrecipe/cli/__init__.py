@@ -6,7 +6,9 @@ Each command group lives in its own module; `main` only assembles them and turns
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 import click
 
@@ -17,16 +19,36 @@ from sslrecipe.errors import SSLRecipeError
 set_default_wait_policy()  # before any command imports torch: OpenMP reads it once, at load
 
 
+def _interrupt_once(signum, frame):
+    # Ctrl-C outside a run's graceful stop ends the command; its exit path is not interrupted again
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 class _FriendlyGroup(click.Group):
     def invoke(self, ctx: click.Context):
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, _interrupt_once) if main_thread else None
+        status = None
         try:
-            return super().invoke(ctx)
-        except SSLRecipeError as e:
-            click.secho(f"error: {e}", fg="red", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:  # e.g. Ctrl-C while still importing, before a run can checkpoint
-            click.secho("interrupted", fg="yellow", err=True)
-            sys.exit(130)
+            try:
+                return super().invoke(ctx)
+            except SSLRecipeError as e:
+                status = 2
+                click.secho(f"error: {e}", fg="red", err=True)
+            except KeyboardInterrupt:  # e.g. Ctrl-C while still importing, before a run can checkpoint
+                status = 130
+                click.secho("interrupted", fg="yellow", err=True)
+            except SystemExit as e:  # `run` exits 130 itself after a graceful stop
+                status = e.code
+                raise
+        except KeyboardInterrupt:  # Ctrl-C again while the first one was being reported
+            status = 130
+        finally:
+            if main_thread:
+                # exiting after Ctrl-C: one more must not turn the interpreter's shutdown into a traceback
+                signal.signal(signal.SIGINT, signal.SIG_IGN if status == 130 else (previous or signal.SIG_DFL))
+        sys.exit(status)
 
 
 @click.group(cls=_FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,37 +1,86 @@
 """Atomic, resumable checkpoints: model, optimizer, scheduler, scaler, RNG states, step, stage hash.
 
 Written to a temporary file in the same directory and renamed over the old one, so a kill at
-any moment leaves either the previous checkpoint or the new one, never a torn file. Loaded with
-`weights_only=True`: a checkpoint never executes code.
+any moment leaves either the previous checkpoint or the new one, never a torn file; a second
+Ctrl-C waits for a write under way (`signals.deferred_interrupts`). Loaded with
+`weights_only=True`: a checkpoint never executes code. A write that fails on an OS error (a full
+disk) raises that OSError naming the file it was writing, and leaves the previous version in place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
+from sslrecipe.engine.rundir import os_error_in
+from sslrecipe.engine.signals import deferred_interrupts
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK  # what open() would give; mkstemp makes 0600 files
+
+
+def _atomic_replace(path: Path, fill: Callable[[int, str], None]) -> None:
+    """`fill(fd, tmp)` writes a temp file beside `path` (and closes fd), which is then renamed over `path`."""
+    path = Path(path)
+    with deferred_interrupts():
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            fill(fd, tmp)
+            os.chmod(tmp, _FILE_MODE)
+            os.replace(tmp, path)
+        except BaseException as e:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            if isinstance(e, Exception):
+                cause = os_error_in(e)
+                if cause is not None:  # name the file the user knows, not the temp file (or nothing at all)
+                    raise type(cause)(cause.errno, cause.strerror, str(path)) from e
+            raise
+
 
 def _atomic_write(path: Path, mode: str, write) -> None:
     """`write(file)` into a temp file beside `path`, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
+
+    def fill(fd: int, tmp: str) -> None:
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    _atomic_replace(path, fill)
+
+
+def atomic_write_file(path: Path, write_to: Callable[[str], None]) -> None:
+    """For writers that take a file name (safetensors' `save_file`): `write_to(tmp)` beside `path`, fsync, rename."""
+
+    def fill(fd: int, tmp: str) -> None:
+        os.close(fd)
+        write_to(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    _atomic_replace(path, fill)
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict] = None) -> None:
+    from safetensors.torch import save_file
+
+    atomic_write_file(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -86,3 +135,42 @@ def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, step: in
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def unreadable_reason(exc: BaseException) -> str:
+    """Why `load_checkpoint` failed, in one line."""
+    if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc):
+        return "it is not a weights-only checkpoint: it holds Python objects, which are never unpickled"
+    # torch wraps the unpickler's own error in a long explanation: keep the error's first line
+    lines = [line.strip() for line in str(exc).split("WeightsUnpickler error:", 1)[-1].splitlines() if line.strip()]
+    first = (lines[0] if lines else "").split(". ")[0]
+    return f"it is not a readable checkpoint ({type(exc).__name__}: {first[:200]})"
+
+
+def check_checkpoint(state: Any) -> None:
+    """Raise ValueError unless `state` is laid out as `save_checkpoint` writes it."""
+    if not isinstance(state, dict):
+        raise ValueError(f"it holds a {type(state).__name__}, not a checkpoint")
+    for key, kind in (("model", dict), ("optimizer", dict), ("scheduler", dict), ("rng", dict), ("step", int)):
+        if not isinstance(state.get(key), kind):
+            raise ValueError(f"its '{key}' entry is missing or not a {kind.__name__}")
+    if state["step"] < 0:
+        raise ValueError(f"its step is {state['step']}")
+
+
+def quarantine(path: Path) -> Path:
+    """Move an unusable checkpoint aside as `<name>.corrupt` (kept for inspection, never loaded again)."""
+    path = Path(path)
+    dest = path.with_name(path.name + ".corrupt")
+    os.replace(path, dest)
+    return dest
+
+
+def non_finite_tensors(state: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors in `state` that hold a NaN or an infinity (one device sync in all)."""
+    names = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel()]
+    if not names:
+        return []
+    flags = [torch.isfinite(state[k]).all() for k in names]
+    ok = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
+    return [name for name, good in zip(names, ok) if not good]

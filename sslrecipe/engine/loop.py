@@ -17,6 +17,7 @@ RPN's sampler) is restored from the checkpoint.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,10 +29,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from sslrecipe.engine.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from sslrecipe.engine.checkpoint import (
+    check_checkpoint, load_checkpoint, non_finite_tensors, quarantine, rng_state, save_checkpoint, set_rng_state,
+    unreadable_reason,
+)
 from sslrecipe.engine.events import EventLog
 from sslrecipe.engine.schedules import build_optimizer, build_scheduler
-from sslrecipe.engine.signals import stop_requested
+from sslrecipe.engine.signals import DeferredInterrupt, stop_requested
 from sslrecipe.errors import StageError
 from sslrecipe.recipe.schema import OptimConfig
 
@@ -39,12 +43,21 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 
 class Interrupted(Exception):
-    """Raised after a graceful stop (Ctrl-C / SIGINT / SIGTERM) once the checkpoint is written."""
+    """Raised after a graceful stop (Ctrl-C / SIGINT / SIGTERM) once the checkpoint is written, or after an abort
+    (a second Ctrl-C) with the step of the checkpoint that remains (`checkpoint_step`, None when there is none)."""
 
-    def __init__(self, stage: str, step: int):
-        super().__init__(f"{stage} interrupted at step {step}; checkpoint written, rerun the same command to resume")
+    def __init__(self, stage: str, step: int, checkpoint_step: Optional[int] = None, aborted: bool = False,
+                 message: Optional[str] = None):
+        if message is None and not aborted:
+            message = f"{stage} interrupted at step {step}; checkpoint written, rerun the same command to resume"
+        elif message is None:
+            resume = (f"resumes from its checkpoint at step {checkpoint_step}" if checkpoint_step
+                      else "starts again from step 0 (no checkpoint had been written yet)")
+            message = f"{stage} aborted at step {step}; rerun the same command: it {resume}"
+        super().__init__(message)
         self.stage = stage
         self.step = step
+        self.checkpoint_step = checkpoint_step
 
 
 class EpochBatchSampler(Sampler):
@@ -144,6 +157,7 @@ class TrainLoop:
         use_scaler = settings.precision == "fp16" and settings.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.checkpoint_path = Path(settings.stage_dir) / CHECKPOINT_NAME
+        self.saved_step: Optional[int] = None  # the step of the checkpoint on disk (always one with finite weights)
         self.batches_per_epoch = batches_per_epoch(len(dataset), settings.batch_size, settings.drop_last)
         if self.batches_per_epoch == 0:
             raise StageError(
@@ -179,33 +193,85 @@ class TrainLoop:
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, step: int) -> None:
-        save_checkpoint(
-            self.checkpoint_path,
-            model=self.model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            scaler=self.scaler,
-            step=step,
-            stage_hash=self.s.stage_hash,
-        )
+        # a step can leave NaN weights behind a finite loss (the loss shows it one step later): such weights are
+        # never written, so the checkpoint kept on disk is always one that can be resumed
+        bad = non_finite_tensors(self.model.state_dict())
+        if bad:
+            self._stop_non_finite(step, f"non-finite weights after step {step} ({len(bad)} tensors, e.g. {bad[0]})")
+        try:
+            save_checkpoint(
+                self.checkpoint_path,
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                scaler=self.scaler,
+                step=step,
+                stage_hash=self.s.stage_hash,
+            )
+        except DeferredInterrupt:  # a second Ctrl-C waited for this write, which completed
+            self.saved_step = step
+            raise
+        self.saved_step = step
 
     def _resume(self) -> int:
         if not self.checkpoint_path.is_file():
             return 0
-        state = load_checkpoint(self.checkpoint_path)
-        if state.get("stage_hash") != self.s.stage_hash:
+        try:
+            state = load_checkpoint(self.checkpoint_path)
+        except Exception as e:  # torn, truncated, not a checkpoint at all, or a pickle that is not weights-only
+            return self._set_aside(unreadable_reason(e))
+        if isinstance(state, dict) and "stage_hash" in state and state["stage_hash"] != self.s.stage_hash:
             self.events.emit("warning", self.s.stage, message=f"ignoring {self.checkpoint_path}: it belongs to another configuration")
             return 0
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        # resuming is all or nothing: a checkpoint that fails half-way leaves the stage exactly as a fresh start
+        before = self._snapshot()
+        try:
+            check_checkpoint(state)
+            bad = non_finite_tensors(state["model"])
+            if bad:
+                raise ValueError(f"its weights are not finite ({bad[0]})")
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+        except Exception as e:
+            self._restore(before)
+            if not isinstance(e, ValueError):  # e.g. load_state_dict's "Error(s) in loading ...: size mismatch for ..."
+                lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+                e = f"it does not fit this stage ({' '.join(lines[:2])[:300]})"
+            return self._set_aside(str(e))
         step = int(state["step"])
+        self.saved_step = step
         self.events.emit("resume", self.s.stage, step=step, checkpoint=str(self.checkpoint_path),
                          message=f"resuming {self.s.stage} from step {step}")
         return step
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {
+            "model": {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()},
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "scheduler": copy.deepcopy(self.scheduler.state_dict()),
+            "scaler": copy.deepcopy(self.scaler.state_dict()) if self.scaler is not None else None,
+            "rng": rng_state(),
+        }
+
+    def _restore(self, snap: dict[str, Any]) -> None:
+        self.model.load_state_dict(snap["model"])
+        self.optimizer.load_state_dict(snap["optimizer"])
+        self.scheduler.load_state_dict(snap["scheduler"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(snap["scaler"])
+        set_rng_state(snap["rng"])
+
+    def _set_aside(self, reason: str) -> int:
+        """An unusable checkpoint: keep it as `checkpoint.pt.corrupt`, say so, and start the stage from step 0."""
+        dest = quarantine(self.checkpoint_path)
+        self.events.emit("warning", self.s.stage, message=(
+            f"{self.checkpoint_path} could not be resumed ({reason}); moved it aside to {dest} and restarting "
+            f"{self.s.stage} from step 0"))
+        return 0
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> LoopResult:
@@ -268,21 +334,26 @@ class TrainLoop:
                     )
                     history.append(record)
                     window_images, window_start = 0, now
-                if step % s.checkpoint_every == 0 or step == s.total_steps:
+                stopping = stop_requested() and step < s.total_steps
+                if stopping or step % s.checkpoint_every == 0 or step == s.total_steps:
                     self._save(step)
-                if stop_requested() and step < s.total_steps:
-                    self._save(step)
+                if stopping:
                     raise Interrupted(s.stage, step)
         except KeyboardInterrupt:
-            # a second Ctrl-C: abort now; the last periodic checkpoint stays the resume point
-            raise Interrupted(s.stage, step) from None
+            # a second Ctrl-C: abort now; the last checkpoint written stays the resume point
+            # (when the abort waited for the checkpoint of this very step, nothing was lost: a plain interruption)
+            raise Interrupted(s.stage, step, self.saved_step, aborted=self.saved_step != step) from None
         return LoopResult(step, resumed_from, last_loss, history)
 
     def _non_finite(self, step: int, losses: dict[str, torch.Tensor]) -> None:
         parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
-        kept = f"the last good checkpoint ({self.checkpoint_path}) is kept" if self.checkpoint_path.is_file() else "no checkpoint had been written yet"
+        self._stop_non_finite(step, f"non-finite loss at step {step + 1} ({parts})")
+
+    def _stop_non_finite(self, step: int, what: str) -> None:
+        kept = (f"the last good checkpoint ({self.checkpoint_path}, step {self.saved_step}, finite weights) is kept"
+                if self.saved_step is not None else "no checkpoint had been written yet")
         message = (
-            f"{self.s.stage}: non-finite loss at step {step + 1} ({parts}); stopping. {kept}. "
+            f"{self.s.stage}: {what}; stopping. {kept}. "
             f"Lower {self.s.stage}.lr / blr, set {self.s.stage}.clip_grad, or use precision fp32."
         )
         raise StageError(message)  # the pipeline records it as an `error` event

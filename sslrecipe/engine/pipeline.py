@@ -8,6 +8,7 @@ directory without `done.json` is unfinished: the stage resumes from its checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,7 +27,8 @@ from sslrecipe import __version__
 from sslrecipe.engine.checkpoint import atomic_write_text
 from sslrecipe.engine.events import EventLog
 from sslrecipe.engine.loop import Interrupted
-from sslrecipe.engine.signals import graceful_stop
+from sslrecipe.engine.rundir import RunLock, storage_error
+from sslrecipe.engine.signals import deferred_interrupts, graceful_stop, stop_requested
 from sslrecipe.errors import SSLRecipeError
 from sslrecipe.recipe import Recipe, recipe_to_yaml
 
@@ -98,15 +100,37 @@ class Pipeline:
         run_info: Optional[dict] = None,
         stage_root: Optional[Path] = None,
         forced: Optional[set] = None,
+        finish: Optional[Callable[[dict[str, Path]], None]] = None,
     ) -> dict[str, Path]:
         """`stage_root`: where the stage directories live (default: the run directory); the cells of a matrix
         share one, so a stage that several cells need runs once. `forced`: stage directories that `force` already
-        reran in this invocation (shared by a matrix's cells, so a shared stage is forced once); updated."""
+        reran in this invocation (shared by a matrix's cells, so a shared stage is forced once); updated.
+        `finish(done)` runs while the run directory is still held (publishing the report).
+
+        The run directory is locked for the whole run (`RunLock`): a second run on it stops with a message naming
+        the holder. OS errors a user fixes outside sslrecipe (no space left, read-only) become one `StorageError`."""
         for name in (until, *force):
             if name is not None and name not in self.by_name:
                 raise SSLRecipeError(f"unknown stage {name!r}; stages are: {', '.join(self.by_name)}")
         run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        # the graceful stop spans the run's last events too, and the lock everything written in the run directory
+        with graceful_stop():
+            try:
+                # a matrix cell's stages live in the matrix's shared cache: held too, so that a cell run on its own
+                # and the matrix never write one stage at once
+                shared = stage_root is not None and Path(stage_root).resolve() != run_dir.resolve()
+                with RunLock(run_dir) as lock, RunLock(stage_root) if shared else contextlib.nullcontext():
+                    done = self._run_held(recipe, run_dir, until, force, listeners, run_info, lock, stage_root, forced)
+                    if finish is not None:
+                        finish(done)
+                    return done
+            except OSError as e:  # before the event log exists, or in `finish`: a full disk, a read-only directory
+                fault = storage_error(e, run_dir)
+                if fault is None:
+                    raise
+                raise fault from e
+
+    def _run_held(self, recipe, run_dir, until, force, listeners, run_info, lock, stage_root, forced) -> dict[str, Path]:
         events = EventLog(run_dir / "events.jsonl")
         for listener in listeners:
             events.subscribe(listener)
@@ -122,53 +146,60 @@ class Pipeline:
         forcing = False
         status = "failed"
         current: Optional[str] = None
+        if lock.unsupported:
+            events.emit("warning", None, message=lock.unsupported)
         try:
-            with graceful_stop():
-                for stage in self.stages:
-                    if not stage.enabled(recipe):
-                        continue
-                    current = stage.name
-                    forcing = forcing or stage.name in force
-                    stage_hash = stable_hash(
-                        {
-                            "stage": stage.name,
-                            "config": stage.config(recipe),
-                            "upstream": {n: hashes[n] for n in (stage.needs if stage.hash_upstream is None else stage.hash_upstream)
-                                         if n in hashes},
-                            "fingerprint": stage.fingerprint(recipe),
-                        }
-                    )
-                    hashes[stage.name] = stage_hash
-                    stage_dir = Path(stage_root or run_dir) / f"{stage.name}-{stage_hash}"
-                    if forcing and stage_dir.exists() and stage_dir not in (forced or ()):
-                        shutil.rmtree(stage_dir)
-                    if forcing and forced is not None:
-                        forced.add(stage_dir)
-                    if (stage_dir / DONE_NAME).is_file():
-                        events.emit("stage_cached", stage.name, dir=str(stage_dir), hash=stage_hash)
-                    else:
-                        self._run_stage(stage, recipe, run_dir, stage_dir, stage_hash, events, done)
-                    done[stage.name] = stage_dir
-                    if until == stage.name:
-                        break
+            for stage in self.stages:
+                if not stage.enabled(recipe):
+                    continue
+                current = stage.name
+                forcing = forcing or stage.name in force
+                stage_hash = stable_hash(
+                    {
+                        "stage": stage.name,
+                        "config": stage.config(recipe),
+                        "upstream": {n: hashes[n] for n in (stage.needs if stage.hash_upstream is None else stage.hash_upstream)
+                                     if n in hashes},
+                        "fingerprint": stage.fingerprint(recipe),
+                    }
+                )
+                hashes[stage.name] = stage_hash
+                stage_dir = Path(stage_root or run_dir) / f"{stage.name}-{stage_hash}"
+                if forcing and stage_dir.exists() and stage_dir not in (forced or ()):
+                    shutil.rmtree(stage_dir)
+                if forcing and forced is not None:
+                    forced.add(stage_dir)
+                if (stage_dir / DONE_NAME).is_file():
+                    events.emit("stage_cached", stage.name, dir=str(stage_dir), hash=stage_hash)
+                elif stop_requested():  # Ctrl-C during a stage without a training loop: the next one does not start
+                    raise Interrupted(stage.name, 0, message=f"stopped before {stage.name} (the stages before it are "
+                                                             "finished and kept); rerun the same command to continue")
+                else:
+                    self._run_stage(stage, recipe, run_dir, stage_dir, stage_hash, events, done)
+                done[stage.name] = stage_dir
+                if until == stage.name:
+                    break
             current = None
             status = "finished"
             return done
         except Interrupted as e:
             status = "interrupted"
-            events.emit("warning", e.stage, message=str(e))
+            _last_event(events, "warning", e.stage, message=str(e))
             raise
         except SSLRecipeError as e:
-            events.emit("error", current, message=str(e))
+            _last_event(events, "error", current, message=str(e))
             raise
         except KeyboardInterrupt:
             status = "interrupted"
             raise
         except Exception as e:  # an unexpected failure: recorded for the TUI, re-raised for the CLI
-            events.emit("error", current, message=f"{type(e).__name__}: {e}")
+            fault = storage_error(e, run_dir)  # a full disk, a read-only directory: one message that says what to do
+            _last_event(events, "error", current, message=str(fault) if fault else f"{type(e).__name__}: {e}")
+            if fault is not None:
+                raise fault from e
             raise
         finally:
-            events.emit("run_end", None, status=status, seconds=round(time.time() - started, 2))
+            _last_event(events, "run_end", None, status=status, seconds=round(time.time() - started, 2))
 
     def _run_stage(self, stage, recipe, run_dir, stage_dir, stage_hash, events, done) -> None:
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -182,6 +213,16 @@ class Pipeline:
             json.dumps({"stage": stage.name, "hash": stage_hash, "seconds": seconds, **summary}, indent=2, default=str),
         )
         events.emit("stage_end", stage.name, dir=str(stage_dir), seconds=seconds)
+
+
+def _last_event(events: EventLog, event: str, stage: Optional[str], **fields: Any) -> None:
+    """The events of a run's end: written whole (a second Ctrl-C waits for them), and never a second failure on
+    top of the first (on a full or read-only disk they may not be written at all)."""
+    with deferred_interrupts(raise_pending=False):
+        try:
+            events.emit(event, stage, **fields)
+        except OSError:
+            pass
 
 
 def read_done(stage_dir: Path) -> dict[str, Any]:

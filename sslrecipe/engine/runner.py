@@ -13,6 +13,8 @@ from sslrecipe.engine.console import ConsoleReporter
 from sslrecipe.engine.cpu_threads import apply_wait_policy, plan_threads
 from sslrecipe.engine.loop import resolve_device
 from sslrecipe.engine.pipeline import default_run_dir
+from sslrecipe.engine.rundir import RunLock, storage_error
+from sslrecipe.engine.signals import graceful_stop
 from sslrecipe.engine.stages import build_pipeline, publish
 from sslrecipe.recipe import Recipe, load_recipe
 
@@ -85,7 +87,17 @@ def run_recipe(
             return run_recipe(None, run_dir=cell_dir, until=until, force=force, progress=progress,
                               listeners=listeners, recipe=cell, stage_root=cell_stages, forced=cell_forced)
 
-        return run_matrix(recipe, chosen_dir or default_run_dir(recipe), run_cell, only=tuple(cells) or None)
+        root = chosen_dir or default_run_dir(recipe)
+        # the matrix directory is held as a whole (its cells share it); each cell's pipeline holds its own too
+        with graceful_stop():
+            try:
+                with RunLock(root):
+                    return run_matrix(recipe, root, run_cell, only=tuple(cells) or None)
+            except OSError as e:
+                fault = storage_error(e, root)
+                if fault is None:
+                    raise
+                raise fault from e
     if cells:
         from sslrecipe.errors import RecipeError
 
@@ -97,12 +109,15 @@ def run_recipe(
         stage_root = cell_stage_root(chosen_dir)  # `sslrecipe run RUN/<cell>`: the matrix's shared stages
     reporter = ConsoleReporter(progress or recipe.runtime.progress) if progress != "off" else None
     all_listeners = tuple(listeners) + ((reporter,) if reporter else ())
+
+    def finish(done: dict[str, Path]) -> None:  # while the run directory is still held
+        if "report" in done:
+            publish(target, done["report"])
+
     try:
-        done = build_pipeline().run(recipe, target, until=until, force=tuple(force), listeners=all_listeners,
-                                    run_info=run_info, stage_root=stage_root, forced=forced)
+        build_pipeline().run(recipe, target, until=until, force=tuple(force), listeners=all_listeners,
+                             run_info=run_info, finish=finish, stage_root=stage_root, forced=forced)
     finally:
         if reporter:
             reporter.close()
-    if "report" in done:
-        publish(target, done["report"])
     return target

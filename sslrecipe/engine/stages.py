@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from sslrecipe.engine.checkpoint import atomic_write_text
+from sslrecipe.engine.checkpoint import atomic_save_safetensors, atomic_write_text
 from sslrecipe.engine.cpu_threads import plan_threads
 from sslrecipe.engine.loop import LoopSettings, TrainLoop, resolve_device, resolve_precision
 from sslrecipe.engine.pipeline import Pipeline, Stage, StageContext
@@ -528,8 +528,6 @@ def _finetune_img_size(ctx: StageContext, coco: dict) -> int:
 
 
 def run_finetune(ctx: StageContext) -> dict:
-    from safetensors.torch import save_file
-
     from sslrecipe.data.coco import collate_detection
     from sslrecipe.detect.faster_rcnn import encoder_family, suggest_anchor_sizes
     from sslrecipe.detect.schedules import detector_param_groups, survey_schedule
@@ -582,7 +580,9 @@ def run_finetune(ctx: StageContext) -> dict:
 
     groups = detector_param_groups(model, f.weight_decay, layer_decay)
     result = TrainLoop(settings, model, groups, dataset, loss_fn, ctx.events).run()
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(ctx.stage_dir / "detector.safetensors"))
+    # atomic: a kill or a full disk mid-write leaves no torn detector (the stage reruns from its final checkpoint)
+    atomic_save_safetensors({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                            ctx.stage_dir / "detector.safetensors")
     atomic_write_text(ctx.stage_dir / "detector.json", json.dumps(spec, indent=1))
     return {"steps": result.steps, "final_loss": result.last_loss, "anchor_sizes": list(anchors), "img_size": img_size}
 
