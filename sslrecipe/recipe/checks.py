@@ -13,6 +13,7 @@ Importing this module imports neither torch nor timm; `check_recipe` does.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -81,14 +82,15 @@ def _problems(recipe: Recipe, origins: dict[str, Origin], fallback: str) -> list
             problem = _build_once("method", p.method, b.name, b.in_chans, p.img_size, p.options.get(p.method, {}),
                                   b.kwargs, f"{key}.method")
             if problem:
+                if key != "pretrain":  # the builders name the main section's keys: name this one's
+                    problem = re.sub(r"\bpretrain\.(?!first\.)", f"{key}.", problem)
                 problems.append(f"{_locate(problem, origins, key, fallback)}: {problem}")
     return problems
 
 
 def _locate(message: str, origins: dict[str, Origin], key: str, fallback: str) -> str:
-    """Where a builder's message points: the longest key of this pre-training (`key`.*) the message names, else
-    `key`.method. The builders name the main section (`pretrain.img_size`) also for pretrain.first."""
-    named = [k for k in origins if k.startswith(key + ".") and ("pretrain" + k[len(key):] in message or k in message)]
+    """Where a builder's message points: the longest key of this pre-training (`key`.*) it names, else `key`.method."""
+    named = [k for k in origins if k.startswith(key + ".") and k in message]
     return _where(origins, max(named, key=len) if named else f"{key}.method", fallback)
 
 
