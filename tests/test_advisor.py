@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from sslrecipe.cli import main
 from sslrecipe.errors import SSLRecipeError
 from sslrecipe.guide import advise
-from sslrecipe.guide.rules import decision_table_markdown, load_rules
+from sslrecipe.guide.rules import decision_table_markdown, load_rules, matches
 from sslrecipe.guide.write import recipe_yaml, write_recipe
 from sslrecipe.recipe import load_recipe
 
@@ -30,12 +30,22 @@ def ranked(advice) -> list[tuple[str, str]]:
 def test_resnet_25_shots_is_resim_with_public_weights_citing_table_vii():
     result = cli("--backbone", "resnet", "--shots", "25")
     assert result.exit_code == 0, result.output
-    out = " ".join(result.output.split())
-    assert "1. ReSim R50" in out
-    assert "backbone resnet50, init public" in out
-    assert "Table VII, ReSim R50, 25-shot AP 50.4" in out
-    assert "resim-fpn-resnet50-400ep" in out
-    assert "Baseline to beat" in out and "Scratch R50, 25-shot AP 30.1" in out
+    lines = result.output.splitlines()
+    # the first screen: a ranked table with the deciding number beside the alternatives' and the baseline's
+    assert "Decided by Table VII 25-shot AP x4" in result.output
+    row = next(line for line in lines if line.lstrip().startswith("1 "))
+    assert row.split()[1:] == ["ReSim", "R50", "resim-fpn-resnet50-400ep", "50.4", "high", "CC-BY-NC-4.0"]
+    assert next(line for line in lines if line.lstrip().startswith("2 ")).split()[1:5] == ["DINO", "R50", "dino-resnet50", "38.2"]
+    assert next(line for line in lines if "Scratch R50" in line).split()[-1] == "30.1"
+    assert "Why 1: ReSim R50 has the highest Table VII 25-shot AP of the options" in " ".join(result.output.split())
+    assert "Caveats of 1: non-commercial licence." in result.output
+    # each number once (the table), and the full reasoning only with --verbose
+    assert result.output.count("50.4") == 1 and result.output.count("30.1") == 1
+    assert len(lines) <= 16
+    verbose = cli("--backbone", "resnet", "--shots", "25", "--verbose").output
+    assert "Table VII, ReSim R50, 25-shot F1 52.0" in " ".join(verbose.split())
+    assert "For few labels with a ResNet, local instance discrimination wins" in " ".join(verbose.split())
+    assert "Baseline to beat: Scratch R50" in verbose
 
     data = json.loads(cli("--backbone", "resnet", "--shots", "25", "--json").output)
     top = data["recommendations"][0]
@@ -44,25 +54,37 @@ def test_resnet_25_shots_is_resim_with_public_weights_citing_table_vii():
     assert top["confidence"]["level"] == "high" and top["confidence"]["extrapolated"] == []
 
 
-def test_json_has_exactly_the_specified_shape():
+def test_json_carries_everything_the_text_shows():
     data = json.loads(cli("--domain", "ir", "--object-size", "small", "--json", "--top", "4").output)
-    assert set(data) == {"constraints", "recommendations", "baseline"}
+    assert set(data) == {"constraints", "decided_by", "evidence_weighed", "headline", "recommendations", "baseline",
+                         "recipe"}
     assert len(data["recommendations"]) == 4
+    assert data["decided_by"] == {"table": "Table III", "metric": "AP_S (no cls)", "weight": 3.0, "criteria": ["E3"]}
+    assert data["headline"].startswith("SparK R200 has the highest Table III AP_S (no cls)")
     c = data["constraints"]
     assert c["domain"] == "ir" and c["domain_shift"] == "moderate" and c["origin"]["domain_shift"] == "derived"
     assert c["shots"] is None and c["backbone"] == "any"
     for rec in data["recommendations"]:
-        assert set(rec) == {"method", "backbone", "init", "evidence", "rationale", "caveats", "confidence"}
+        assert set(rec) == {"label", "method", "backbone", "init", "weights", "licence", "score", "decided_by",
+                            "evidence", "rationale", "departures", "caveats", "caveat_titles", "confidence"}
         assert rec["method"] in {"dino", "resim", "leopart", "spark", "mae", "hybrid", "none"}
         assert rec["backbone"] in TIMM_NAMES
         assert rec["init"] in {"public", "custom-pretrain", "public+custom-pretrain"}
         assert rec["evidence"] and all(set(e) == {"table", "row", "metric", "value"} for e in rec["evidence"])
         assert rec["rationale"] and isinstance(rec["caveats"], list)
+        assert len(rec["caveat_titles"]) == len(rec["caveats"])
         assert set(rec["confidence"]) == {"score", "level", "extrapolated"}
         assert 0 < rec["confidence"]["score"] <= 1
         assert any(c.startswith("Small objects:") for c in rec["caveats"])
+        assert set(rec["decided_by"]) == {"table", "metric", "weight", "value", "row", "borrowed"}
+        if rec["init"] == "public":  # the weights id and its licence, as the table shows them
+            assert rec["weights"] and rec["licence"]
+    top = data["recommendations"][0]
+    assert (top["label"], top["weights"], top["licence"]) == ("SparK R200", "spark-resnet200", "MIT")
+    assert top["decided_by"]["value"] == 35.2 and top["decided_by"]["borrowed"] is None
+    assert isinstance(top["score"], float)
     b = data["baseline"]
-    assert set(b) == {"method", "backbone", "init", "evidence", "rationale"}
+    assert set(b) == {"label", "method", "backbone", "init", "decided_by", "evidence", "rationale"}
     assert b["method"] == "none" and b["init"] == "scratch"
     assert b["backbone"] == data["recommendations"][0]["backbone"]
 
@@ -186,6 +208,115 @@ def test_every_conclusion_has_rules():
         for row in group:
             covered |= set(row.get("conclusions") or ())
     assert covered == set(range(1, 9))
+
+
+# --------------------------------------------------------------------------- rankings consistent with their reasons
+
+
+def test_ir_small_objects_strict_ranks_by_ap_s_where_resnets_with_local_pretraining_lead():
+    a = advise(domain="ir", object_size="small")
+    assert a.decided_by.column == "AP_S (no cls)"
+    assert (a.best.method, a.best.backbone) == ("spark", "resnet200")  # AP_S 35.2, the best measured
+    assert a.headline.startswith("SparK R200 has the highest Table III AP_S (no cls) of the options")
+    # the shown ranking follows AP_S: 35.2, then MAE ViT/B-16 33.4, then ReSim R50 33.3
+    assert [o.decided.value.rows[0].value for o in a.recommendations] == [35.2, 33.4, 33.3]
+    vit = next(o for o in a.options if o.family == "vit")
+    assert any("localize them worse" in c for c in vit.caveats)
+
+
+def test_custom_pretraining_with_25_shots_does_not_put_a_vit_first_under_its_own_caveat():
+    a = advise(shots=25, custom_pretrain="required")
+    assert a.best.family == "resnet" and (a.best.method, a.best.init) == ("hybrid", "custom-pretrain")
+    assert ranked(a)[1] == ("resim", "resnet50")
+    assert "conclusion 8" in a.headline
+    # the low-confidence hybrid above the high-confidence ReSim says why, in one printed line
+    assert a.best.level == "low" and a.options[1].level == "high"
+    assert any(d.startswith("Hybrid R50 ranks above ReSim R50 although ReSim R50 has high confidence: Table VI delta AP")
+               for d in a.best.departures)
+    out = " ".join(cli("--shots", "25", "--custom-pretrain", "required").output.split())
+    assert "Note: Hybrid R50 ranks above ReSim R50 although ReSim R50 has high confidence" in out
+
+
+def test_vit_with_few_shots_is_still_mae_with_the_caveat_that_vits_do_poorly():
+    a = advise(backbone="vit", shots=25)
+    assert a.best.method == "mae" and any("ViTs do poorly with few labels" in c for c in a.best.caveats)
+    out = cli("--backbone", "vit", "--shots", "25").output
+    assert "ViTs do poorly with few labels" in out.split("Caveats of 1:")[1]
+
+
+_GRID = [
+    {"backbone": b, "model_size": m, "shots": n, "object_size": o, "localization": loc, "domain": d,
+     "custom_pretrain": c}
+    for b in ("any", "resnet", "vit") for m in ("any", "small", "large") for n in (None, 10, 25, 50, 300)
+    for o in ("mixed", "small") for loc in ("strict", "tolerant") for d in ("rgb", "ir", "medical")
+    for c in ("auto", "required", "no")
+]
+
+
+def test_every_ranking_explains_itself_where_it_departs_from_confidence_or_the_deciding_number():
+    levels = {"low": 0, "medium": 1, "high": 2}
+    for kwargs in _GRID:
+        a = advise(unlabeled=100_000, **kwargs)
+        assert a.headline.count(". ") == 0 and a.headline.endswith("."), kwargs  # one sentence
+        shown = a.recommendations
+        for k, i in enumerate(shown):
+            for j in shown[k + 1:]:
+                if levels[j.level] > levels[i.level]:  # a more confident option ranked lower
+                    assert any(f"ranks above {j.label}" in d for d in i.departures) or any(
+                        f"ranks above {x.label}" in d and levels[x.level] > levels[i.level]
+                        for x in shown[k + 1:] for d in i.departures), (kwargs, i.label, j.label)
+                    break
+        # the top pick never carries a caveat favouring an admissible option below it without saying why
+        for title, favours in a.best.favoured:
+            if any(matches(favours, {"method": o.method, "family": o.family}) for o in a.options[1:]):
+                assert any(title in d for d in a.best.departures), (kwargs, title)
+
+
+def test_no_top_pick_is_a_vit_under_few_labels_when_a_resnet_with_local_pretraining_is_admissible():
+    for kwargs in _GRID:
+        if kwargs["shots"] not in (10, 25, 50) or kwargs["backbone"] == "vit" or kwargs["model_size"] == "large":
+            continue
+        a = advise(unlabeled=100_000, **kwargs)
+        assert a.best.family == "resnet", kwargs
+
+
+# --------------------------------------------------------------------------- inputs taken as given
+
+
+def test_aliases_are_listed_in_help_read_as_said_and_unknown_ones_rejected_with_the_valid_values():
+    help_text = " ".join(CliRunner().invoke(main, ["advise", "--help"]).output.split())
+    assert "vit (transformer, vits)" in help_text and "ir (infrared, thermal, tir)" in help_text
+    out = " ".join(cli("--backbone", "transformer", "--domain", "thermal").output.split())
+    assert "backbone vit (from 'transformer')" in out and "domain ir (from 'thermal')" in out
+    data = json.loads(cli("--backbone", "transformer", "--domain", "thermal", "--json").output)
+    assert data["constraints"]["typed"] == {"backbone": "transformer", "domain": "thermal"}
+    bad = CliRunner().invoke(main, ["advise", "--domain", "thermic"])
+    assert bad.exit_code == 2 and "use one of rgb, ir," in bad.output and "thermal, tir = ir" in bad.output
+
+
+def test_a_survey_backbone_name_fixes_the_size_and_a_contradicting_size_is_an_error():
+    a = advise(backbone="vit_small_patch16_224")
+    assert a.constraints.model_size == "small" and a.constraints.origin["model_size"] == "backbone"
+    assert {o.backbone for o in a.options} == {"vit_small_patch16_224"}
+    bad = CliRunner().invoke(main, ["advise", "--backbone", "vit_small_patch16_224", "--model-size", "large"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+    assert "vit_small_patch16_224 is a small model, but --model-size is large" in bad.output
+    assert "vit_base_patch16_224" in bad.output  # the large one to name instead
+
+
+def test_shots_beyond_the_dataset_and_a_pool_count_contradicting_unlabeled_are_errors(tmp_path):
+    path = _coco(tmp_path, 10, box=6, side=(100, 80))
+    with pytest.raises(SSLRecipeError, match="has only 10 labeled images"):
+        advise(data=str(path), shots=25)
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("L", (16, 16)).save(pool / f"{i}.png")
+    assert advise(pool=str(pool)).constraints.unlabeled == 3
+    with pytest.raises(SSLRecipeError, match="holds 3 images"):
+        advise(pool=str(pool), unlabeled=500)
 
 
 # --------------------------------------------------------------------------- availability, confidence
@@ -319,7 +450,7 @@ def test_library_errors_are_sslrecipe_errors(tmp_path):
     "kwargs, source, method",
     [
         ({"backbone": "resnet", "shots": 25}, "fetch", "resim"),
-        ({"domain": "ir", "model_size": "small", "object_size": "small", "backbone": "vit"}, "pretrain", "mae"),
+        ({"domain": "ir", "model_size": "small", "backbone": "vit"}, "pretrain", "mae"),
         ({"domain": "medical", "backbone": "vit", "unlabeled": 50_000}, "pretrain", "mae"),
         ({"custom_pretrain": "required", "backbone": "resnet", "shots": 25, "unlabeled": 10_000}, "pretrain", "hybrid"),
     ],
@@ -352,6 +483,64 @@ def test_written_recipe_cites_the_evidence_and_keeps_the_shots(tmp_path):
     result = cli("--backbone", "resnet", "--shots", "25", "--write-recipe", str(path))
     assert result.exit_code == 0 and path.is_file()
     assert load_recipe(path).data.shots == 25
+
+
+def _labeled_set(root: Path, n: int = 10) -> Path:
+    """A tiny COCO set whose images exist (one 1-channel PNG each, next to the file)."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    images, anns = [], []
+    for i in range(n):
+        Image.new("L", (80, 64), color=10 * i).save(root / f"im{i}.png")
+        images.append({"id": i + 1, "file_name": f"im{i}.png", "width": 80, "height": 64})
+        anns.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [10, 10, 8, 8], "area": 64, "iscrowd": 0})
+    path = root / "train.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "car"}]}))
+    return path
+
+
+def test_written_recipe_trains_on_the_users_data_and_pool(tmp_path):
+    data = _labeled_set(tmp_path / "data")
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    from PIL import Image
+
+    for i in range(4):
+        Image.new("L", (80, 64)).save(pool / f"u{i}.png")
+    out = tmp_path / "recipes" / "advised.yaml"
+    out.parent.mkdir()
+    advice = advise(data=str(data), pool=str(pool), backbone="vit", custom_pretrain="required")
+    assert advice.constraints.unlabeled == 4 and advice.constraints.origin["unlabeled"] == "pool"
+    write_recipe(advice, out)
+    text = out.read_text()
+    assert "annotations: ../data/train.json" in text and "unlabeled: ../pool" in text  # relative to the recipe
+    recipe = load_recipe(out)
+    assert recipe.data.synthetic is None and recipe.data.train.annotations == str(data.resolve())
+    assert recipe.data.unlabeled == str(pool.resolve()) and tuple(recipe.data.split) == (0.6, 0.2, 0.2)
+    assert recipe.data.shots is None  # all the images the user has (shots came from the data, not a flag)
+    assert recipe.backbone.in_chans == 1 and recipe.weights.source == "pretrain"
+    assert recipe.finetune.img_size == advice.best.resolution.finetune_img_size
+    assert "carved from it by `split`" in " ".join(line.lstrip("# ") for line in text.splitlines())
+    assert "synthetic" not in text
+
+
+def test_written_recipe_uses_a_given_val_set_and_evaluates_on_it(tmp_path):
+    data = _labeled_set(tmp_path / "train")
+    val = _labeled_set(tmp_path / "val", 4)
+    advice = advise(data=str(data), val=str(val), backbone="resnet", shots=5)
+    recipe = load_recipe(write_recipe(advice, tmp_path / "r.yaml"))
+    assert recipe.data.val.annotations == str(val.resolve()) and recipe.evaluate.split == "val"
+    assert recipe.data.shots == 5  # asked for explicitly
+    with pytest.raises(SSLRecipeError, match="goes with a training set"):
+        advise(val=str(val))
+
+
+def test_without_data_the_recipe_says_it_runs_on_synthetic_data(tmp_path):
+    text = recipe_yaml(advise(backbone="resnet", shots=25))
+    flat = " ".join(line.lstrip("# ") for line in text.splitlines())
+    assert "Built-in synthetic IR scenes (no --data was given)" in flat
+    assert "It runs on built-in synthetic data" in flat
 
 
 def test_docs_show_the_current_decision_table():

@@ -57,9 +57,10 @@ def option_renderable(rank: int, o: Option) -> Group:
         weights += f" (from {o.candidate.continue_from})"
     head = Text.assemble(
         ("method ", "dim"), (o.method, "bold"), ("  backbone ", "dim"), (o.backbone, "bold"),
-        ("\n", ""), ("init ", "dim"), weights,
+        ("\n", ""), ("init ", "dim"), weights, ("  licence ", "dim"), o.licence or "yours",
     )
     parts: list[Any] = [head]
+    parts += [Text.assemble(("note ", "bold"), d) for d in o.departures]  # why it outranks a more confident one
     if o.evidence:
         table = Table(box=None, show_header=True, header_style="dim", padding=(0, 1), expand=False)
         table.add_column("evidence")
@@ -220,6 +221,8 @@ class AdvisorScreen(Screen):
         if r.data_facts is not None:
             head.append("\nData: ", "dim")
             head.append(r.data_facts.summary())
+        head.append("\nWhy 1: ", "bold")
+        head.append(advice.headline)
         self.query_one("#advice-head", Static).update(head)
         cards = []
         for i, o in enumerate(advice.recommendations, 1):

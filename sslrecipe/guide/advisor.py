@@ -5,9 +5,15 @@ This module is the small scorer that applies them:
 
     score(option) = sum over active criteria of  weight x normalized value x discount  + adjustments
 
-where a criterion is active when its `when` holds for the resolved constraints, the value is the option's
-row in the criterion's evidence column (min-max normalized over the column's pre-trained rows), and the
-discount is 1 for the option's own row and `proxy_discount` for a borrowed one (see `_value`).
+where a criterion is active when its `when` holds (and its `unless` does not) for the resolved constraints, the
+value is the option's row in the criterion's evidence column (min-max normalized over the column's pre-trained
+rows, or within the option's family for `scope: family`), and the discount is 1 for the option's own row and
+`proxy_discount` for a borrowed one (see `_value`).
+
+The ranking explains itself: the heaviest active column is the deciding one (`Advice.decided_by`, each option's
+number in it is `Option.decided`), `Advice.headline` says in one sentence why the best option leads, and
+`Option.departures` why an option ranks above a more confident one, one with a higher number in the deciding
+column, or (the best) one that a caveat of its own favours.
 """
 
 from __future__ import annotations
@@ -89,6 +95,10 @@ class Option:
     extrapolated: list[str]
     rationale: str = ""
     resolution: Optional[Resolution] = None
+    caveat_titles: list[str] = field(default_factory=list)  # the caveats' short forms, in the same order
+    favoured: list[tuple[str, Any]] = field(default_factory=list)  # (caveat title, the options it favours)
+    licence: Optional[str] = None  # of the weights the option starts from; None: pre-trained on your images
+    departures: list[str] = field(default_factory=list)  # why it ranks above a more confident/higher option
 
     @property
     def method(self) -> str:
@@ -111,6 +121,36 @@ class Option:
         return label(self.method, self.backbone)
 
     @property
+    def weights(self) -> Optional[str]:
+        """The catalogue id the option starts from (None: pre-trained from scratch on your images)."""
+        if self.init == "public":
+            return self.candidate.weights
+        if self.init == "public+custom-pretrain":
+            return self.candidate.continue_from or self.candidate.weights
+        return None
+
+    @property
+    def weights_label(self) -> str:
+        if self.init == "public":
+            return str(self.candidate.weights)
+        if self.init == "public+custom-pretrain":
+            return f"{self.weights} + your images"
+        return "pre-train on your images"
+
+    @property
+    def decided(self) -> Optional[Contribution]:
+        """The option's value in the deciding column (the heaviest active one)."""
+        return self.contributions[0] if self.contributions else None
+
+    @property
+    def all_caveats(self) -> list[tuple[str, str]]:
+        """(short title, full text) of every caveat, the small-object resolution advice last."""
+        out = list(zip(self.caveat_titles, self.caveats))
+        if self.resolution is not None:
+            out.append(("small objects: native resolution, upscale or tile (see the recipe)", self.resolution.text))
+        return out
+
+    @property
     def evidence(self) -> list[Row]:
         """The rows behind the option, heaviest criterion first; F1 beside each AP of the VEDAI tables."""
         ev = load_evidence()
@@ -128,18 +168,35 @@ class Option:
         return out
 
     def as_json(self) -> dict[str, Any]:
-        caveats = list(self.caveats)
-        if self.resolution is not None:
-            caveats.append(self.resolution.text)
+        caveats = self.all_caveats
         return {
+            "label": self.label,
             "method": self.method,
             "backbone": self.backbone,
             "init": self.init,
+            "weights": self.weights,
+            "licence": self.licence,
+            "score": round(self.score, 3),
+            "decided_by": decided_json(self.decided),
             "evidence": [r.as_json() for r in self.evidence],
             "rationale": self.rationale,
-            "caveats": caveats,
+            "departures": list(self.departures),
+            "caveats": [text for _, text in caveats],
+            "caveat_titles": [title for title, _ in caveats],
             "confidence": {"score": round(self.confidence, 2), "level": self.level, "extrapolated": list(self.extrapolated)},
         }
+
+
+def decided_json(c: Optional[Contribution]) -> Optional[dict[str, Any]]:
+    """An option's number in the deciding column: the row's value, whose row it is, and why it is borrowed."""
+    if c is None:
+        return None
+    out: dict[str, Any] = {"table": f"Table {c.table}", "metric": c.column, "weight": c.weight, "value": None,
+                           "row": None, "borrowed": None}
+    if c.value is not None:
+        row = c.value.rows[0]
+        out.update(value=row.value, row=row.label, borrowed=c.value.borrowed)
+    return out
 
 
 @dataclass
@@ -149,12 +206,19 @@ class Baseline:
     init: str
     evidence: list[Row]
     rationale: str
+    decided: Optional[Row] = None  # the scratch row in the deciding column, where the survey has one
+
+    @property
+    def label(self) -> str:
+        return f"Scratch {BACKBONES.get(self.backbone, (self.backbone,))[0]}"
 
     def as_json(self) -> dict[str, Any]:
         return {
+            "label": self.label,
             "method": self.method,
             "backbone": self.backbone,
             "init": self.init,
+            "decided_by": None if self.decided is None else self.decided.as_json(),
             "evidence": [r.as_json() for r in self.evidence],
             "rationale": self.rationale,
         }
@@ -167,6 +231,12 @@ class Advice:
     baseline: Baseline
     active: list[Contribution] = field(default_factory=list)  # the active evidence columns (no values)
     top: int = 3
+    headline: str = ""  # one sentence: why the best option ranks first
+
+    @property
+    def decided_by(self) -> Optional[Contribution]:
+        """The deciding column: the heaviest active one (its values are in each option's `decided`)."""
+        return self.active[0] if self.active else None
 
     @property
     def recommendations(self) -> list[Option]:
@@ -181,8 +251,14 @@ class Advice:
         facts = self.constraints.data_facts
         if facts is not None:
             constraints["data_summary"] = facts.summary()
+        d = self.decided_by
         return {
             "constraints": constraints,
+            "decided_by": None if d is None else {"table": f"Table {d.table}", "metric": d.column, "weight": d.weight,
+                                                  "criteria": [c.id for c in d.criteria]},
+            "evidence_weighed": [{"table": f"Table {c.table}", "metric": c.column, "weight": c.weight,
+                                  "criteria": [x.id for x in c.criteria]} for c in self.active],
+            "headline": self.headline,
             "recommendations": [o.as_json() for o in self.recommendations],
             "baseline": self.baseline.as_json(),
         }
@@ -217,28 +293,31 @@ class _Scorer:
 
     # ---------------------------------------------------------------- values
 
-    def _bounds(self, table: str, column: str) -> tuple[float, float]:
-        values = [r.value for r in self.ev.column(table, column) if r.method != "scratch"]
+    def _bounds(self, table: str, column: str, family: Optional[str] = None) -> tuple[float, float]:
+        values = [r.value for r in self.ev.column(table, column)
+                  if r.method != "scratch" and (family is None or r.family == family)]
         if not values:
             raise SSLRecipeError(f"rules.yaml: no evidence column Table {table} / {column!r}")
         return min(values), max(values)
 
-    def _norm(self, table: str, column: str, value: float) -> float:
-        lo, hi = self._bounds(table, column)
-        return 1.0 if hi == lo else (value - lo) / (hi - lo)
+    def _norm(self, table: str, column: str, row: Row, scoped: bool) -> float:
+        """0..1 over the column's pre-trained rows; `scoped`: over the rows of the row's own backbone family."""
+        lo, hi = self._bounds(table, column, row.family if scoped else None)
+        return 1.0 if hi == lo else (row.value - lo) / (hi - lo)
 
-    def _value(self, cand: Candidate, table: str, column: str, method: Optional[str] = None) -> Optional[Value]:
+    def _value(self, cand: Candidate, table: str, column: str, method: Optional[str] = None,
+               scoped: bool = False) -> Optional[Value]:
         """The option's value in a column: its own row, else a borrowed one (discounted and explained)."""
         method = method or cand.method
         backbone = cand.backbone
         own = label(method, backbone)
         row = self.ev.get(table, method, backbone, column)
         if row is not None:
-            return Value(self._norm(table, column, row.value), 1.0, [row])
+            return Value(self._norm(table, column, row, scoped), 1.0, [row])
         if method == cand.method and cand.parents:
             best: Optional[Value] = None
             for parent in cand.parents:
-                v = self._value(cand, table, column, parent)
+                v = self._value(cand, table, column, parent, scoped)
                 if v is not None and (best is None or v.norm * v.discount > best.norm * best.discount):
                     best = v
             if best is None:
@@ -254,13 +333,13 @@ class _Scorer:
             row = self.ev.get(table, method, other, column)
             if row is not None:
                 why = f"Table {table} has no {own} row: {row.label}'s {column} is used at {self.proxy_discount:g} weight"
-                return Value(self._norm(table, column, row.value), self.proxy_discount, [row], why)
+                return Value(self._norm(table, column, row, scoped), self.proxy_discount, [row], why)
         rows = [r for r in self.ev.column(table, column) if r.backbone == backbone and r.method != "scratch"]
         if rows:  # unmeasured: counts as the weakest measured method on its backbone, never better
             worst = min(rows, key=lambda r: r.value)
             why = (f"Table {table} has no {own} row: the weakest measured {BACKBONES[backbone][0]} row "
                    f"({worst.label} {fmt(worst.value, worst.metric)}) is used at {self.proxy_discount:g} weight")
-            return Value(self._norm(table, column, worst.value), self.proxy_discount, [worst], why)
+            return Value(self._norm(table, column, worst, scoped), self.proxy_discount, [worst], why)
         return None
 
     # ---------------------------------------------------------------- options
@@ -299,15 +378,18 @@ class _Scorer:
 
     def active_columns(self) -> list[Contribution]:
         groups: dict[tuple[str, str], Contribution] = {}
-        for c in self.rules.criteria:
-            if not matches(c.when, self.facts):
+        last: dict[tuple[str, str], int] = {}
+        for i, c in enumerate(self.rules.criteria):
+            if not c.holds(self.facts):
                 continue
             key = (c.table, c.column)
             if key not in groups:
                 groups[key] = Contribution(c.table, c.column, 0.0, [], None)
             groups[key].weight += c.weight
             groups[key].criteria.append(c)
-        return sorted(groups.values(), key=lambda g: -g.weight)
+            last[key] = i
+        # the heaviest column first; of equal weights, the one with the later (more specific) criteria
+        return sorted(groups.values(), key=lambda g: (-g.weight, -last[(g.table, g.column)]))
 
     def init_of(self, cand: Candidate) -> tuple[str, str]:
         cf = self.candidate_facts(cand)
@@ -319,7 +401,9 @@ class _Scorer:
     def option(self, cand: Candidate, active: list[Contribution]) -> Option:
         init, init_why = self.init_of(cand)
         contributions = [
-            Contribution(a.table, a.column, a.weight, a.criteria, self._value(cand, a.table, a.column)) for a in active
+            Contribution(a.table, a.column, a.weight, a.criteria,
+                         self._value(cand, a.table, a.column, scoped=any(c.scope == "family" for c in a.criteria)))
+            for a in active
         ]
         cf = self.candidate_facts(cand, init)
         adjustments = [
@@ -327,19 +411,26 @@ class _Scorer:
             for a in self.rules.adjustments
             if matches(a.get("when"), self.facts) and matches(a.get("applies_to"), cf)
         ]
-        notes, caveats = [], []
+        notes, caveats, titles, favoured = [], [], [], []
         for n in self.rules.notes:
             if matches(n.get("when"), self.facts) and matches(n.get("applies_to"), cf):
-                (notes if n["kind"] == "note" else caveats).append(self.render(n["text"]))
+                if n["kind"] == "note":
+                    notes.append(self.render(n["text"]))
+                    continue
+                caveats.append(self.render(n["text"]))
+                titles.append(self.render(n.get("title") or n["text"]))
+                if n.get("favours"):
+                    favoured.append((titles[-1], n["favours"]))
         if cand.unavailable and init != "public":
             caveats.insert(0, self.render(cand.unavailable))
+            titles.insert(0, self.render(cand.unavailable_title or cand.unavailable))
 
         # confidence: borrowed evidence, unmeasured options, and the regime
         total = sum(c.weight for c in contributions) or 1.0
         borrowed = sum(c.weight for c in contributions if c.value is None or c.value.borrowed)
         if cand.parents:
-            extrapolated = [f"{label(cand.method, cand.backbone)} has no rows: in every column the better of its parents "
-                            f"({', '.join(METHOD_LABELS[p] for p in cand.parents)}) stands in"]
+            extrapolated = [(f"{label(cand.method, cand.backbone)} has no rows: in every column the better of its "
+                             f"parents ({', '.join(METHOD_LABELS[p] for p in cand.parents)}) stands in")]
         else:
             extrapolated = [c.value.borrowed for c in contributions if c.value is not None and c.value.borrowed]
         extrapolated += [f"Table {c.table} {c.column}: no row for {label(cand.method, cand.backbone)} or a stand-in"
@@ -355,47 +446,115 @@ class _Scorer:
         extrapolated = regime + extrapolated
         conf = max(self.floor, conf)
         level = "high" if conf >= self.levels["high"] else "medium" if conf >= self.levels["medium"] else "low"
-        opt = Option(cand, init, init_why, contributions, adjustments, notes, caveats, conf, level, extrapolated)
+        opt = Option(cand, init, init_why, contributions, adjustments, notes, caveats, conf, level, extrapolated,
+                     caveat_titles=titles, favoured=favoured)
+        opt.licence = self.licence(opt)
         opt.resolution = self.resolution(opt)
         return opt
 
+    @staticmethod
+    def licence(opt: Option) -> Optional[str]:
+        """The licence of the weights the option starts from, as the catalogue states it."""
+        if opt.weights is None:
+            return None
+        from sslrecipe.weights.catalogue import find_entry
+
+        entry = find_entry(opt.weights)
+        return entry.licence if entry is not None else opt.candidate.licence
+
     # ---------------------------------------------------------------- texts
 
-    def comparison(self, contribution: Contribution, admissible: list[Candidate], exclude: list[Row] = ()) -> str:
-        """"ReSim R50 50.4, DINO R50 38.2, ..." in one column, over the admissible options and scratch."""
-        pairs = {(c.method, c.backbone) for c in admissible} | {(p, c.backbone) for c in admissible for p in c.parents}
-        backbones = {c.backbone for c in admissible}
-        rows = [
-            r for r in self.ev.column(contribution.table, contribution.column)
-            if r not in exclude and ((r.method, r.backbone) in pairs or (r.method == "scratch" and r.backbone in backbones))
-        ]
-        rows.sort(key=lambda r: -r.value)
-        return ", ".join(f"{r.label} {fmt(r.value, r.metric)}" for r in rows[:7])
+    @staticmethod
+    def shown(v: Optional[Value]) -> str:
+        """An option's number in a column as printed: "50.4", "34.4 (SparK R50)" for a borrowed row, "no row"."""
+        if v is None:
+            return "no row"
+        row = v.rows[0]
+        if not v.borrowed:
+            return fmt(row.value, row.metric)
+        return f"{fmt(row.value, row.metric)} (borrowed from {row.label}" + (f" at x{v.discount:g})" if v.discount != 1 else ")")
 
-    def rationale(self, opt: Option, admissible: list[Candidate]) -> str:
+    def rationale(self, opt: Option) -> str:
+        """The reasoning in prose; the numbers behind the option are in its evidence, not repeated here."""
         parts = [f"{opt.label} with {INIT_PHRASES[opt.init]}."]
-        for i, c in enumerate(opt.contributions):
-            v = c.value
-            if i == 0:
-                others = self.comparison(c, admissible, exclude=v.rows if v and not v.borrowed else [])
-                if v is not None and v.borrowed is None:
-                    parts.append(f"{v.rows[0].cite()}" + (f" (others: {others})." if others else "."))
-                else:
-                    parts.append((f"{v.borrowed}." if v else f"Table {c.table} has no row for it.")
-                                 + (f" Measured: {others}." if others else ""))
-                parts.append(f"Why this column counts most (x{c.weight:g}): {c.criteria[0].why}.")
-            else:
-                if v is None:
-                    shown = "no row"
-                elif v.borrowed:
-                    shown = f"{v.rows[0].label} {fmt(v.rows[0].value, v.rows[0].metric)}, borrowed" if len(v.rows) == 1 \
-                        else "mean of the measured rows, borrowed"
-                else:
-                    shown = fmt(v.rows[0].value, v.rows[0].metric)
-                parts.append(f"Also weighed: Table {c.table} {c.column} x{c.weight:g} ({shown}).")
+        c = opt.decided
+        if c is not None:
+            parts.append(f"Deciding column, Table {c.table} {c.column} (x{c.weight:g}): {c.criteria[0].why}.")
         parts.extend(opt.notes)
         parts.append(f"Initialisation: {opt.init_why}.")
         return " ".join(parts)
+
+    def reasons(self, i: Option, j: Option, limit: int = 2) -> str:
+        """Where option i gains its lead over option j: the columns and adjustments worth the most points."""
+        gains: list[tuple[float, str]] = []
+        for ci, cj in zip(i.contributions, j.contributions):
+            d = ci.points - cj.points
+            if d > 1e-9:
+                gains.append((d, f"Table {ci.table} {ci.column} {self.shown(ci.value)} vs {self.shown(cj.value)}"))
+        mine = {a for a, _, _ in i.adjustments}
+        for aid, delta, why in j.adjustments:
+            if delta < 0 and aid not in mine:
+                gains.append((-delta, f"{j.label} has {why}"))
+        gains.sort(key=lambda g: -g[0])
+        if not gains:
+            return "their scores tie and the order of the options table decides"
+        return "; ".join(text for _, text in gains[:limit])
+
+    def headline(self, best: Option, options: list[Option]) -> str:
+        """One sentence: why the best option ranks first."""
+        if best.candidate.headline:
+            return _sentence(self.render(best.candidate.headline.replace("{label}", best.label)))
+        c = best.decided
+        if c is None:
+            return f"{best.label} ranks first."
+        col = f"Table {c.table} {c.column}"
+        crit = c.criteria[0]
+        why = crit.decides or crit.why
+        rivals = [o for o in options if o is not best and o.decided.value is not None and o.decided.value.borrowed is None]
+        rival = max(rivals, key=lambda o: o.decided.value.rows[0].value, default=None)
+        mine = c.value
+        top = rival is None or (mine is not None and mine.rows[0].value >= rival.decided.value.rows[0].value)
+        if mine is not None and top and mine.borrowed is None:
+            return f"{best.label} has the highest {col} of the options; {why}."
+        if mine is not None and top:
+            return f"{best.label} has no {col} row of its own and ranks first on {mine.rows[0].label}'s; {why}."
+        assert rival is not None
+        return (f"{best.label} ranks first although {rival.label} has the higher {col}: "
+                f"{self.reasons(best, rival)}.")
+
+    def departures(self, options: list[Option], shown: int) -> None:
+        """Say why an option ranks above a shown one with a higher confidence level or a higher own number in the
+        deciding column. For the top pick (whose headline already answers the deciding column), also above the
+        first more confident option anywhere in the list, and above an option one of its own caveats favours."""
+        levels = {"low": 0, "medium": 1, "high": 2}
+
+        def number(o: Option, own: bool = False) -> float:
+            v = o.decided.value if o.decided else None
+            return -math.inf if v is None or (own and v.borrowed) else v.rows[0].value
+
+        for k, i in enumerate(options[:shown]):
+            pool = options[k + 1:] if k == 0 else options[k + 1: shown]
+            found: dict[int, tuple[Option, list[str], list[str]]] = {}  # option below -> (it, its attributes, caveats)
+
+            j = next((o for o in pool if levels[o.level] > levels[i.level]), None)
+            if j is not None:
+                found.setdefault(id(j), (j, [], []))[1].append(f"{j.level} confidence")
+            if k > 0:
+                j = next((o for o in pool if number(o, own=True) > number(i)), None)
+                if j is not None and i.decided is not None:
+                    found.setdefault(id(j), (j, [], []))[1].append(f"the higher {i.decided.column}")
+            else:
+                for caveat, favours in i.favoured:
+                    j = next((o for o in pool if matches(favours, self.candidate_facts(o.candidate, o.init))), None)
+                    if j is not None:
+                        found.setdefault(id(j), (j, [], []))[2].append(caveat)
+            for j, attrs, caveats in found.values():
+                title = caveats[0] if caveats else None
+                parts = [f"{j.label} has " + " and ".join(attrs)] if attrs else []
+                if title:
+                    parts.append(f"its own caveat ({title}) favours " + ("it" if attrs else j.label))
+                i.departures.append(f"{i.label} ranks above {j.label} although {' and '.join(parts)}: "
+                                    f"{self.reasons(i, j)}.")
 
     def resolution(self, opt: Option) -> Optional[Resolution]:
         res = self.rules.resolution
@@ -470,8 +629,8 @@ class _Scorer:
         if not rows:  # the survey's scratch rows for this backbone on VEDAI RGB
             rows = [r for r in self.ev.find(method="scratch", backbone=best.backbone, table="IV", column="RGB AP")]
         parts = [
-            f"Fine-tune the same detector on {best.backbone} from random initialisation (weights.source: scratch) "
-            "on your own data: the advised option has to beat it there."
+            (f"Fine-tune the same detector on {best.backbone} from random initialisation (weights.source: scratch) "
+             "on your own data: the advised option has to beat it there.")
         ]
         for r in rows[:2]:
             mine = self.ev.get(r.table, best.method, best.backbone, r.column)
@@ -485,7 +644,8 @@ class _Scorer:
             "Also worth an arm: ImageNet-supervised weights for the same backbone (not measured by the survey; "
             "practitioners often find them hard to beat)."
         )
-        return Baseline("none", best.backbone, "scratch", rows, " ".join(parts))
+        decided = self.ev.get(active[0].table, "scratch", best.backbone, active[0].column) if active else None
+        return Baseline("none", best.backbone, "scratch", rows, " ".join(parts), decided)
 
 
 def advise(constraints: Optional[Constraints] = None, *, top: Optional[int] = None, **kwargs: Any) -> Advice:
@@ -510,8 +670,16 @@ def advise(constraints: Optional[Constraints] = None, *, top: Optional[int] = No
     options = [scorer.option(c, active) for c in admissible]
     options.sort(key=lambda o: (-round(o.score, 9), order[id(o.candidate)]))
     for o in options:
-        o.rationale = scorer.rationale(o, admissible)
+        o.rationale = scorer.rationale(o)
     n = int(top if top is not None else rules.scorer.get("top", 3))
     if n < 1:
         raise SSLRecipeError(f"--top {n}: show at least 1 option")
-    return Advice(resolved, options, scorer.baseline(options[0], active), active, n)
+    scorer.departures(options, n)
+    return Advice(resolved, options, scorer.baseline(options[0], active), active, n,
+                  headline=scorer.headline(options[0], options))
+
+
+def _sentence(text: str) -> str:
+    text = " ".join(text.split())
+    return (text[:1].upper() + text[1:]).rstrip(".") + "."
+

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from sslrecipe.errors import SSLRecipeError
@@ -56,6 +57,8 @@ class Constraints:
     custom_pretrain: Optional[str] = None
     channels: Optional[int] = None
     data: Optional[str] = None
+    val: Optional[str] = None  # a labeled validation set for the written recipe (default: carved from `data`)
+    pool: Optional[str] = None  # a folder of unlabeled images: the recipe's pre-training pool; counts --unlabeled
 
 
 @dataclass
@@ -73,8 +76,11 @@ class Resolved:
     custom_pretrain: str
     channels: Optional[int]
     data: Optional[str]
-    origin: dict[str, str] = field(default_factory=dict)  # key -> given | default | data | derived
+    origin: dict[str, str] = field(default_factory=dict)  # key -> given | default | data | derived | backbone | pool
     data_facts: Optional[Any] = None  # infer.DataFacts when --data was given
+    val: Optional[str] = None
+    pool: Optional[str] = None
+    typed: dict[str, str] = field(default_factory=dict)  # key -> what the user typed, where an alias was read
 
     # ------------------------------------------------------------------ derived facts
 
@@ -133,6 +139,9 @@ class Resolved:
             "custom_pretrain": self.custom_pretrain,
             "channels": self.channels,
             "data": self.data,
+            "val": self.val,
+            "pool": self.pool,
+            "typed": dict(self.typed),
             "regime": self.regime,
             "custom_pretraining": self.custom,
             "origin": dict(self.origin),
@@ -140,39 +149,68 @@ class Resolved:
         return out
 
 
-def _choice(name: str, value: Optional[str], choices: tuple[str, ...], aliases: dict[str, str] | None = None) -> Optional[str]:
+def _choice(name: str, value: Optional[str], choices: tuple[str, ...], aliases: dict[str, str] | None = None,
+            typed: Optional[dict[str, str]] = None) -> Optional[str]:
     if value is None:
         return None
     if not isinstance(value, str):
         raise SSLRecipeError(f"--{name.replace('_', '-')}: expected one of {', '.join(choices)}, got {value!r}")
     v = value.strip().lower()
     if aliases and v in aliases:
+        if typed is not None:
+            typed[name] = value
         v = aliases[v]
     if v in choices:
         return v
     close = difflib.get_close_matches(v, list(choices) + list(aliases or {}), n=1, cutoff=0.6)
     hint = f" Did you mean {aliases.get(close[0], close[0]) if aliases else close[0]}?" if close else ""
+    also = ""
+    if aliases:
+        also = " (also: " + "; ".join(
+            f"{', '.join(a for a, t in aliases.items() if t == c)} = {c}" for c in choices if c in aliases.values()
+        ) + ")"
     raise SSLRecipeError(
-        f"--{name.replace('_', '-')} {value!r} is not known: use one of {', '.join(choices)}.{hint}"
+        f"--{name.replace('_', '-')} {value!r} is not known: use one of {', '.join(choices)}{also}.{hint}"
     )
 
 
-def _backbone(value: Optional[str]) -> Optional[str]:
-    """A family name, an alias, or a timm name of a family the survey measured (resnet*, vit_*)."""
+def alias_help(choices: tuple[str, ...], aliases: dict[str, str]) -> str:
+    """ "rgb, ir (infrared, thermal), ..." for --help: every accepted value, with the aliases of each."""
+    out = []
+    for c in choices:
+        names = [a for a, t in aliases.items() if t == c]
+        out.append(f"{c} ({', '.join(names)})" if names else c)
+    return ", ".join(out)
+
+
+# the survey's backbones by timm name: (family, size); another timm name of a family names only the family
+SURVEY_BACKBONES = {
+    "resnet50": ("resnet", "small"), "resnet200": ("resnet", "large"),
+    "vit_small_patch16_224": ("vit", "small"), "vit_base_patch16_224": ("vit", "large"),
+}
+
+
+def _backbone(value: Optional[str], typed: dict[str, str]) -> tuple[Optional[str], Optional[str]]:
+    """(family, size): a family name, an alias, or a timm name (a survey backbone also gives its size)."""
     if value is None:
-        return None
+        return None, None
     if isinstance(value, str):
         v = value.strip().lower()
-        if v.startswith("resnet") and v[6:].isdigit():
-            return "resnet"
-        if v.startswith("vit_"):
-            return "vit"
+        if v in SURVEY_BACKBONES:
+            typed["backbone"] = value
+            return SURVEY_BACKBONES[v]
+        if (v.startswith("resnet") and v[6:].isdigit()) or v.startswith("vit_"):
+            typed["backbone"] = value
+            return ("resnet" if v.startswith("resnet") else "vit"), None
     try:
-        return _choice("backbone", value, BACKBONES, BACKBONE_ALIASES)
+        return _choice("backbone", value, BACKBONES, BACKBONE_ALIASES, typed), None
     except SSLRecipeError:
+        close = difflib.get_close_matches(str(value).strip().lower(), [*BACKBONES, *BACKBONE_ALIASES], n=1, cutoff=0.6)
         raise SSLRecipeError(
             f"--backbone {value!r} is not a backbone family the survey measured: use resnet (ResNet-50/200), "
-            "vit (ViT-S/16, ViT-B/16) or any."
+            f"vit (ViT-S/16, ViT-B/16) or any; also {alias_help(('resnet', 'vit'), BACKBONE_ALIASES)} or a timm "
+            "name (resnet50, vit_small_patch16_224, ...)."
+            + (f" Did you mean {BACKBONE_ALIASES.get(close[0], close[0])}?" if close else "")
         ) from None
 
 
@@ -211,12 +249,19 @@ def resolve(c: Constraints) -> Resolved:
         origin[key] = "default"
         return default
 
-    backbone = _backbone(c.backbone)
+    typed: dict[str, str] = {}
+    backbone, backbone_size = _backbone(c.backbone, typed)
     model_size = _choice("model_size", c.model_size, MODEL_SIZES)
+    if backbone_size and model_size not in (None, "any", backbone_size):
+        raise SSLRecipeError(
+            f"--backbone {c.backbone} is a {backbone_size} model, but --model-size is {model_size}: drop one of them "
+            f"(or name a {model_size} {backbone} such as "
+            f"{next(n for n, (f, z) in SURVEY_BACKBONES.items() if f == backbone and z == model_size)})"
+        )
     shots = _count("shots", c.shots, 1)
     object_size = _choice("object_size", c.object_size, OBJECT_SIZES)
     localization = _choice("localization", c.localization, LOCALIZATIONS)
-    domain = _choice("domain", c.domain, DOMAINS, DOMAIN_ALIASES)
+    domain = _choice("domain", c.domain, DOMAINS, DOMAIN_ALIASES, typed)
     shift = _choice("domain_shift", c.domain_shift, SHIFTS)
     unlabeled = _count("unlabeled", c.unlabeled, 0)
     custom = _choice("custom_pretrain", c.custom_pretrain, CUSTOM)
@@ -227,22 +272,48 @@ def resolve(c: Constraints) -> Resolved:
         from sslrecipe.guide.infer import infer_from_data
 
         facts = infer_from_data(c.data)
+        if shots is not None and shots > facts.images:
+            raise SSLRecipeError(
+                f"--shots {shots} but --data {c.data} has only {facts.images} labeled images: give at most "
+                f"{facts.images}, or omit --shots to use them all"
+            )
+    if c.val is not None and c.data is None:
+        raise SSLRecipeError(f"--val {c.val}: a validation set goes with a training set; give --data too")
+    if c.val is not None and not Path(c.val).expanduser().exists():
+        raise SSLRecipeError(f"--val {c.val}: not found")
+    pool_size = None
+    if c.pool is not None:
+        from sslrecipe.data.images import list_images
+
+        pool_size = len(list_images(c.pool))  # DataError names the folder when it is missing
+        if unlabeled is not None and unlabeled != pool_size:
+            raise SSLRecipeError(
+                f"--unlabeled {unlabeled} but --pool {c.pool} holds {pool_size} images: drop --unlabeled "
+                "(the pool's count is used)"
+            )
 
     r = Resolved(
         backbone=pick("backbone", backbone, None, "any"),
-        model_size=pick("model_size", model_size, None, "any"),
+        model_size=pick("model_size", None if backbone_size else model_size, backbone_size, "any"),
         shots=pick("shots", shots, facts.images if facts else None, None),
         object_size=pick("object_size", object_size, facts.object_size if facts else None, "mixed"),
         localization=pick("localization", localization, None, "strict"),
         domain=pick("domain", domain, None, "rgb"),
         domain_shift="none",
-        unlabeled=pick("unlabeled", unlabeled, None, None),
+        unlabeled=pick("unlabeled", unlabeled, pool_size, None),
         custom_pretrain=pick("custom_pretrain", custom, None, "auto"),
         channels=pick("channels", channels, facts.channels if facts else None, None),
         data=c.data,
         origin=origin,
         data_facts=facts,
+        val=c.val,
+        pool=c.pool,
+        typed=typed,
     )
+    if backbone_size:  # a survey backbone's timm name fixes the size too
+        origin["model_size"] = "backbone"
+    if pool_size is not None and unlabeled is None:
+        origin["unlabeled"] = "pool"
     if shift is not None:
         r.domain_shift = shift
         origin["domain_shift"] = "given"

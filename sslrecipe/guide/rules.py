@@ -82,9 +82,11 @@ class Candidate:
     continue_from: Optional[str] = None
     licence: Optional[str] = None
     unavailable: Optional[str] = None
+    unavailable_title: Optional[str] = None
     parents: tuple[str, ...] = ()
     only_when: Condition = None
     confidence_penalty: float = 0.0
+    headline: Optional[str] = None
 
     @property
     def public(self) -> bool:
@@ -100,6 +102,12 @@ class Criterion:
     column: str
     weight: float
     why: str
+    decides: str = ""
+    unless: Condition = None
+    scope: str = "all"  # all: normalized over every pre-trained row; family: within the option's backbone family
+
+    def holds(self, facts: dict[str, Any]) -> bool:
+        return matches(self.when, facts) and not (self.unless and matches(self.unless, facts))
 
 
 @dataclass
@@ -125,7 +133,10 @@ def _criterion(raw: dict) -> Criterion:
         table=table,
         column=column,
         weight=float(raw["weight"]),
-        why=raw["why"],
+        why=" ".join(str(raw["why"]).split()),
+        decides=" ".join(str(raw.get("decides") or "").split()),
+        unless=raw.get("unless"),
+        scope=str(raw.get("scope") or "all"),
     )
 
 
@@ -182,7 +193,9 @@ def decision_table_markdown(rules: Optional[Rules] = None) -> str:
     out = ["### Evidence criteria (what ranks the options)", "",
            "| id | conclusion | when | evidence column | weight | why |", "|---|---|---|---|---|---|"]
     for c in rules.criteria:
-        out.append(f"| {c.id} | {conc(c.conclusions)} | {_md(describe(c.when))} | Table {c.table} {_md(c.column)} "
+        when = describe(c.when) + (f"; unless {describe(c.unless)}" if c.unless else "")
+        scope = " (ranked within each backbone family)" if c.scope == "family" else ""
+        out.append(f"| {c.id} | {conc(c.conclusions)} | {_md(when)} | Table {c.table} {_md(c.column)}{scope} "
                    f"| {c.weight:g} | {_md(c.why)} |")
     out += ["", "### Options", "",
             "| method | backbone | survey label | public weights | continue pre-training from | only when |",

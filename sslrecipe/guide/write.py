@@ -1,9 +1,12 @@
 """Write the advised option as a runnable recipe (`sslrecipe advise ... --write-recipe PATH`).
 
-The recipe runs as written: it uses the built-in synthetic IR data, with comments saying where the
-user's own annotation files go. Its `matrix.arms` hold the advised arm and the baseline to beat
-(`weights.source: scratch`), so one `sslrecipe run` checks the advice on the user's data. The file is
-validated with `load_recipe` before it replaces anything at PATH.
+The recipe runs as written. With `--data FILE` it trains on the user's labeled set (the file and its images
+as its format defines; `--val FILE`, the format's own val split, or a seeded split carved from the file) and
+pre-trains on `--pool DIR`; without `--data` it uses the built-in synthetic IR data and says so, with comments
+showing where the user's annotation files go. Its `matrix.arms` hold the advised arm and the baseline to beat
+(`weights.source: scratch`), so one `sslrecipe run` checks the advice on the user's data. Paths are written
+relative to the recipe's folder (the loader reads them so). The file is validated with `load_recipe` before it
+replaces anything at PATH.
 """
 
 from __future__ import annotations
@@ -38,14 +41,72 @@ def _weights(option: Option) -> dict[str, Any]:
     return {"source": "pretrain"}
 
 
-def recipe_data(advice: Advice, option: Optional[Option] = None) -> dict[str, Any]:
-    """The recipe as plain data (what the YAML file holds, without its comments)."""
+def _rel(path: str, base: Optional[Path]) -> str:
+    """`path` (as the user gave it, from the working directory) relative to the recipe's folder."""
+    full = os.path.abspath(os.path.expanduser(path))
+    return os.path.relpath(full, os.path.abspath(base)) if base is not None else full
+
+
+def _format_splits(path: str) -> tuple[str, ...]:
+    """The labeled splits a dataset file defines itself (a YOLO dataset YAML's train/val/test), else ()."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix.lower() in (".yaml", ".yml"):
+        try:
+            spec = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            return ()
+        if isinstance(spec, dict):
+            return tuple(k for k in ("train", "val", "test") if spec.get(k))
+    return ()
+
+
+def _user_data(advice: Advice, o: Option, base: Optional[Path]) -> dict[str, Any]:
+    """`data:` for the user's own labeled set (`--data`), validation set (`--val`) and pool (`--pool`)."""
+    r = advice.constraints
+    assert r.data is not None
+    own = _format_splits(r.data)
+    data: dict[str, Any] = {"train": {"annotations": _rel(r.data, base)}}
+    if r.val is not None:
+        data["val"] = {"annotations": _rel(r.val, base)}
+    elif "val" in own:  # the format's own splits (split=<name> selects each)
+        for name in ("val", "test"):
+            if name in own:
+                data[name] = {"annotations": _rel(r.data, base)}
+    else:  # carve val and test from the labeled set, seeded by `seed`
+        data["split"] = list(DataConfig().split)
+    if r.pool is not None and o.init != "public":
+        data["unlabeled"] = _rel(r.pool, base)
+    if r.shots is not None and r.origin.get("shots") == "given":
+        data["shots"] = r.shots
+    return data
+
+
+def _format_name(path: str) -> str:
+    from sslrecipe.data.formats import detect_format
+
+    try:
+        return f" ({detect_format(path)})"
+    except SSLRecipeError:
+        return ""
+
+
+def _eval_split(data: dict[str, Any]) -> Optional[str]:
+    """The evaluation split when the labeled sets given have no test set."""
+    return "val" if "val" in data and "test" not in data else None
+
+
+def recipe_data(advice: Advice, option: Optional[Option] = None, base: Optional[Path] = None) -> dict[str, Any]:
+    """The recipe as plain data (what the YAML file holds, without its comments); `base`: the recipe's folder,
+    that paths are written relative to (None: absolute)."""
     o = option or advice.best
     r = advice.constraints
     res = o.resolution
-    data: dict[str, Any] = {"synthetic": {"images": SyntheticConfig().images}}
-    if r.shots is not None and r.shots <= _synthetic_train_images():
-        data["shots"] = r.shots
+    if r.data is not None:
+        data = _user_data(advice, o, base)
+    else:
+        data = {"synthetic": {"images": SyntheticConfig().images}}
+        if r.shots is not None and r.shots <= _synthetic_train_images():
+            data["shots"] = r.shots
     recipe: dict[str, Any] = {
         "name": f"advised-{o.method}-{SHORT.get(o.backbone, o.backbone)}",
         "seed": 0,
@@ -60,14 +121,21 @@ def recipe_data(advice: Advice, option: Optional[Option] = None) -> dict[str, An
         elif o.method == "leopart":  # Leopart fine-tunes DINO features: pre-train DINO first, in the same run
             pretrain["first"] = {"method": "dino", "img_size": pretrain["img_size"]}
         recipe["pretrain"] = pretrain
-    # the advised finetune.img_size (from --data) is written as a comment: the synthetic scenes that make
-    # the recipe run as written are small, and the user switches it on with their own data
+    # the advised finetune.img_size (from --data) is set when the recipe trains on that data; on the synthetic
+    # scenes it stays a comment (they are small, and the recipe has to run quickly as written)
     finetune: dict[str, Any] = {"detector": "faster_rcnn", "schedule": "cosine"}
+    if r.data is not None and res is not None and res.finetune_img_size:
+        finetune["img_size"] = res.finetune_img_size
     if res is not None and res.max_dets:
         finetune["max_detections"] = res.max_dets
     recipe["finetune"] = finetune
+    evaluate: dict[str, Any] = {}
+    if r.data is not None and _eval_split(data):
+        evaluate["split"] = _eval_split(data)
     if res is not None and res.max_dets:
-        recipe["evaluate"] = {"max_dets": res.max_dets}
+        evaluate["max_dets"] = res.max_dets
+    if evaluate:
+        recipe["evaluate"] = evaluate
     advised_set = {"weights.source": recipe["weights"]["source"]}
     recipe["matrix"] = {
         "arms": [
@@ -96,11 +164,11 @@ def _section(key: str, value: Any) -> str:
     return yaml.safe_dump({key: value}, sort_keys=False, default_flow_style=False, width=100)
 
 
-def recipe_yaml(advice: Advice, option: Optional[Option] = None) -> str:
-    """The recipe as commented YAML."""
+def recipe_yaml(advice: Advice, option: Optional[Option] = None, base: Optional[Path] = None) -> str:
+    """The recipe as commented YAML; `base`: the folder it is written to (paths are relative to it)."""
     o = option or advice.best
     r = advice.constraints
-    data = recipe_data(advice, o)
+    data = recipe_data(advice, o, base)
     cits = "; ".join(row.cite() for row in o.evidence[:4]) or "none (not measured by the survey)"
     head = [
         f"Written by `sslrecipe advise` for: backbone {r.backbone}, model size {r.model_size}, "
@@ -118,22 +186,45 @@ def recipe_yaml(advice: Advice, option: Optional[Option] = None) -> str:
     head += [
         "",
         "Run it with `sslrecipe run THIS_FILE`: the matrix below runs the advised arm and the baseline "
-        "to beat, then compares them. Replace the synthetic data with your own (see `data:`) to check the "
-        "advice where it matters.",
+        "to beat, then compares them"
+        + (" on your data." if r.data is not None else ". It runs on built-in synthetic data: replace it with "
+           "your own (see `data:`) to check the advice where it matters."),
     ]
     out = [_comment("\n".join(head))]
     out.append(_section("name", data["name"]) + _section("seed", data["seed"]))
-    out.append("\n" + _comment(
-        "Built-in synthetic IR scenes, so this recipe runs as written. For your own data, delete "
-        "`synthetic:` and set, e.g.:\n"
-        f"  train: {{annotations: {r.data or 'path/to/train.json'}, images: path/to/images}}\n"
-        "  val: {annotations: path/to/val.json, images: path/to/images}\n"
-        "  test: {annotations: path/to/test.json, images: path/to/images}\n"
-        + ("  unlabeled: path/to/unlabeled/images   (the pool to pre-train on; null = the training images)\n"
-           if o.init != "public" else "")
-        + (f"  shots: {r.shots}   (the number of labeled training images you advised for)\n"
-           if r.shots is not None and "shots" not in data["data"] else "")
-    ))
+    if r.data is not None:
+        d = data["data"]
+        how = [(f"Your labeled set{_format_name(r.data)}: its images are found as the format defines (for COCO "
+                "next to the file or in `images/`, else set `images:` in the entry; a YOLO YAML names them).")]
+        if "split" in d:
+            how.append("No validation set was given, so val and test are carved from it by `split` "
+                       f"({d['split'][0]:g}/{d['split'][1]:g}/{d['split'][2]:g}), seeded by `seed`; give "
+                       "your own with `val:` / `test:` entries.")
+        elif "val" in d and "test" not in d:
+            how.append("Evaluated on the validation set (`evaluate.split: val`): there is no test set.")
+        if "unlabeled" in d:
+            how.append("`unlabeled`: your pool to pre-train on (--pool).")
+        elif o.init != "public":
+            how.append("`unlabeled` is not set, so pre-training uses the training images without their labels; "
+                       "point it at a folder of your unlabeled images (--pool).")
+        elif r.pool is not None:
+            how.append(f"Your pool ({r.pool}) is not used: the advised arm fine-tunes public weights; an arm "
+                       "that pre-trains would set data.unlabeled to it.")
+        if "shots" in d:
+            how.append(f"`shots`: only {d['shots']} labeled training images are used, as you asked (seeded).")
+        out.append("\n" + _comment(" ".join(how)))
+    else:
+        out.append("\n" + _comment(
+            "Built-in synthetic IR scenes (no --data was given), so this recipe runs as written. For your own "
+            "data, delete `synthetic:` and set, e.g. (or rerun `sslrecipe advise --data FILE [--pool DIR]`):\n"
+            "  train: {annotations: path/to/train.json, images: path/to/images}\n"
+            "  val: {annotations: path/to/val.json, images: path/to/images}\n"
+            "  test: {annotations: path/to/test.json, images: path/to/images}\n"
+            + ("  unlabeled: path/to/unlabeled/images   (the pool to pre-train on; null = the training images)\n"
+               if o.init != "public" else "")
+            + (f"  shots: {r.shots}   (the number of labeled training images you advised for)\n"
+               if r.shots is not None and "shots" not in data["data"] else "")
+        ))
     out.append(_section("data", data["data"]))
     family = BACKBONES[o.backbone][1]
     out.append("\n" + _comment(
@@ -169,7 +260,7 @@ def recipe_yaml(advice: Advice, option: Optional[Option] = None) -> str:
     )
     if o.resolution is not None:
         fnote += " " + o.resolution.text
-    if o.resolution is not None and o.resolution.finetune_img_size:
+    if o.resolution is not None and o.resolution.finetune_img_size and r.data is None:
         fnote += (f"\nWith your data: set img_size: {o.resolution.finetune_img_size} (left at the default here so "
                   "the synthetic scenes run quickly).")
     out.append("\n" + _comment(fnote))
@@ -200,8 +291,8 @@ def recipe_yaml(advice: Advice, option: Optional[Option] = None) -> str:
 def write_recipe(advice: Advice, path: str | Path, option: Optional[Option] = None) -> Path:
     """Write the recipe for the advised option (default: the best) to `path`, validated first."""
     path = Path(path)
-    text = recipe_yaml(advice, option)
     parent = path.parent if str(path.parent) else Path(".")
+    text = recipe_yaml(advice, option, parent)
     if not parent.is_dir():
         raise SSLRecipeError(f"--write-recipe {path}: folder {parent} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=".advised-", suffix=".yaml", dir=parent)
