@@ -13,6 +13,7 @@ import threading
 import click
 
 from sslrecipe import __version__
+from sslrecipe.cli.terminal import MAX_WIDTH, PipeSafeGroup, fit_help
 from sslrecipe.engine.cpu_threads import set_default_wait_policy
 from sslrecipe.errors import SSLRecipeError
 
@@ -25,7 +26,7 @@ def _interrupt_once(signum, frame):
     raise KeyboardInterrupt
 
 
-class _FriendlyGroup(click.Group):
+class _FriendlyGroup(PipeSafeGroup):
     def invoke(self, ctx: click.Context):
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, _interrupt_once) if main_thread else None
@@ -51,34 +52,40 @@ class _FriendlyGroup(click.Group):
         sys.exit(status)
 
 
-@click.group(cls=_FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_FriendlyGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": MAX_WIDTH})
 @click.version_option(__version__, prog_name="sslrecipe")
 def main() -> None:
-    """Self-supervised pre-training recipes for small-object detection.
+    """Self-supervised pre-training recipes for small-object detection."""
 
-    \b
-    advise    which SSL strategy the survey's evidence supports for your constraints
-    run       data -> [pre-train] -> weights -> fine-tune -> evaluate -> report, resumable
-    validate  check a recipe and print it fully resolved
-    data      synthetic IR data, dataset conversion, checks and statistics
-    weights   public SSL checkpoints: list, fetch, convert
-    eval      COCO evaluation with small-object metrics
-    compare   runs side by side, laid out like the survey's tables
-    tui       terminal app: advisor, run monitor, launcher
-    """
+
+# what `sslrecipe --help` lists for each command, in this order
+SHORT_HELP = {
+    "advise": "which SSL pre-training the survey's evidence supports for you",
+    "run": "data -> [pre-train] -> weights -> fine-tune -> evaluate -> report",
+    "validate": "check a recipe and print it fully resolved",
+    "data": "synthetic IR data, dataset conversion, checks and statistics",
+    "weights": "public SSL checkpoints: list, fetch, convert, cache",
+    "eval": "COCO evaluation with small-object metrics",
+    "compare": "runs side by side, laid out like the survey's tables",
+    "runs": "run directories: remove stages the latest recipe no longer uses",
+    "tui": "terminal app: advisor, run monitor, launcher",
+}
 
 
 def _register() -> None:
-    from sslrecipe.cli import advise, compare, data, evaluate, run, tui, weights
+    from sslrecipe.cli import advise, compare, data, evaluate, run, runs, tui, weights
 
+    main.add_command(advise.advise)
     main.add_command(run.run)
     main.add_command(run.validate)
-    main.add_command(advise.advise)
     main.add_command(data.data)
     main.add_command(weights.weights)
     main.add_command(evaluate.eval_cmd)
     main.add_command(compare.compare)
+    main.add_command(runs.runs)
     main.add_command(tui.tui)
+    fit_help(main, SHORT_HELP)
 
 
 _register()

@@ -32,11 +32,12 @@ def weights() -> None:
     """Public SSL checkpoints: list, fetch (checksummed, cached), convert to timm, export.
 
     \b
-    list     the catalogue (name, method, backbone, source, licence)
+    list     the catalogue (name, method, backbone, licence; the source on wide terminals)
     info     everything the catalogue knows about one entry, and whether it is cached
     fetch    download (or find in the cache) and verify; prints the local path
     convert  any supported SSL checkpoint layout -> encoder.safetensors + encoder.json (timm keys)
     export   an encoder or a run's encoder -> timm / torchvision / ultralytics / safetensors
+    cache    what the download cache holds; --clear empties it
     """
 
 
@@ -55,18 +56,32 @@ def list_cmd(as_json: bool, method: Optional[str], backbone: Optional[str]) -> N
     if as_json:
         click.echo(json.dumps([e.row() for e in entries], indent=2))
         return
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(show_lines=False, header_style="bold")
-    for col in ("name", "method", "backbone", "in", "licence"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("source", overflow="fold")
+    console = Console(highlight=False)
+    # the columns that fit the terminal: the source (a long URL) only on wide ones, the method (in every name)
+    # from 100 columns; `weights info NAME` and --json show everything
+    wide, medium = console.width >= 150, console.width >= 100
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
+    table.add_column("name", overflow="fold")
+    if medium:
+        table.add_column("method", no_wrap=True)
+    table.add_column("backbone", overflow="fold")
+    table.add_column("in", justify="right")
+    table.add_column("licence", no_wrap=True)
+    if wide:
+        table.add_column("source", overflow="fold")
     for e in entries:
-        lic = f"[red]{e.licence} (non-commercial)[/red]" if e.non_commercial else e.licence
-        table.add_row(e.name, e.method, e.backbone, str(e.in_chans), lic, e.source.key)
-    Console(width=max(160, Console().width)).print(table)
-    click.echo(f"{len(entries)} entries. Use a name as `weights.id` with `weights.source: fetch`.")
+        lic = f"[red]{e.licence}*[/red]" if e.non_commercial else e.licence
+        row = [e.name] + ([e.method] if medium else []) + [e.backbone, str(e.in_chans), lic]
+        table.add_row(*row + ([e.source.key] if wide else []))
+    console.print(table)
+    if any(e.non_commercial for e in entries):
+        click.echo("* non-commercial use only.")
+    click.echo(f"{len(entries)} entries. Use a name as `weights.id` with `weights.source: fetch`;\n"
+               "`sslrecipe weights info NAME` shows its source.")
 
 
 @weights.command("info")
@@ -245,3 +260,46 @@ def export_cmd(src: Path, fmt: str, out: Optional[Path], prefix: str, nc: int) -
 
     path = export_encoder_as(src, fmt, out, prefix=prefix, nc=nc, warn=_warn)
     click.echo(str(path))
+
+
+@weights.command("cache")
+@click.argument("names", nargs=-1)
+@click.option("--clear", is_flag=True, help="Delete the listed files (the checksum registry is kept).")
+@click.option("--json", "as_json", is_flag=True, help="Print the files as JSON.")
+def cache_cmd(names: tuple[str, ...], clear: bool, as_json: bool) -> None:
+    """List the downloaded checkpoints (all, or these catalogue NAMES) with their sizes; --clear deletes them.
+
+    URL downloads live in $SSLRECIPE_CACHE/files (default ~/.cache/sslrecipe/files), hub files in the Hugging
+    Face cache; only the catalogue's hub files are listed and cleared there. checksums.json, which later
+    downloads are verified against, is kept.
+    """
+    from sslrecipe.engine.clean import human
+    from sslrecipe.weights.cache import cached_files, checksum_registry, clear_cached
+    from sslrecipe.weights.fetch import cache_root
+
+    files = cached_files(names)
+    if as_json and not clear:
+        click.echo(json.dumps([{"name": f.name, "kind": f.kind, "bytes": f.bytes, "path": str(f.path)}
+                               for f in files], indent=2))
+        return
+    if not files:
+        click.echo(f"the cache holds no {'such ' if names else ''}checkpoints ({cache_root()})")
+        return
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
+    table.add_column("name", overflow="fold")
+    table.add_column("kind")
+    table.add_column("size", justify="right")
+    table.add_column("file", overflow="fold")
+    for f in files:
+        table.add_row(f.name or "(not in the catalogue)", f.kind, human(f.bytes), f.path.name)
+    Console(highlight=False).print(table)
+    total = sum(f.bytes for f in files)
+    if not clear:
+        click.echo(f"{len(files)} files, {human(total)}; delete them with --clear.\nin {cache_root()}")
+        return
+    freed = clear_cached(files)
+    click.echo(f"deleted {len(files)} files, {human(freed)} freed (kept {checksum_registry()})")

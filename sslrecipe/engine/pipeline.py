@@ -90,6 +90,27 @@ class Pipeline:
         self.stages = stages
         self.by_name = {s.name: s for s in stages}
 
+    def stage_hash(self, stage: Stage, recipe: Recipe, hashes: dict[str, str]) -> str:
+        """The hash in a stage's directory name: its config, the hashes of the stages it reads (`hashes`, by name)
+        and its inputs' fingerprint."""
+        upstream = stage.needs if stage.hash_upstream is None else stage.hash_upstream
+        return stable_hash(
+            {
+                "stage": stage.name,
+                "config": stage.config(recipe),
+                "upstream": {n: hashes[n] for n in upstream if n in hashes},
+                "fingerprint": stage.fingerprint(recipe),
+            }
+        )
+
+    def stage_hashes(self, recipe: Recipe) -> dict[str, str]:
+        """Every enabled stage's hash for `recipe`, as a run computes them (`sslrecipe runs clean` keeps these)."""
+        hashes: dict[str, str] = {}
+        for stage in self.stages:
+            if stage.enabled(recipe):
+                hashes[stage.name] = self.stage_hash(stage, recipe, hashes)
+        return hashes
+
     def run(
         self,
         recipe: Recipe,
@@ -154,15 +175,7 @@ class Pipeline:
                     continue
                 current = stage.name
                 forcing = forcing or stage.name in force
-                stage_hash = stable_hash(
-                    {
-                        "stage": stage.name,
-                        "config": stage.config(recipe),
-                        "upstream": {n: hashes[n] for n in (stage.needs if stage.hash_upstream is None else stage.hash_upstream)
-                                     if n in hashes},
-                        "fingerprint": stage.fingerprint(recipe),
-                    }
-                )
+                stage_hash = self.stage_hash(stage, recipe, hashes)
                 hashes[stage.name] = stage_hash
                 stage_dir = Path(stage_root or run_dir) / f"{stage.name}-{stage_hash}"
                 if forcing and stage_dir.exists() and stage_dir not in (forced or ()):
