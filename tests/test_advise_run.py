@@ -72,3 +72,74 @@ def test_written_recipe_runs_both_arms_and_compares(tmp_path, weights_server, mo
     assert encoder["conv1.weight"].shape[1] == 1
     scratch_dir = stage_dir(tmp_path / "run" / "baseline-scratch", "weights")
     assert not torch.equal(load_file(str(scratch_dir / "encoder.safetensors"))["layer4.1.conv2.weight"], served["layer4.1.conv2.weight"])
+
+
+def test_offline_the_advised_arm_is_named_with_the_choices_and_the_baseline_still_runs(tmp_path, monkeypatch):
+    """Downloads off and nothing cached: before any stage, one line says which arm cannot run and what to do;
+    the baseline arm runs; the exit status says the matrix is incomplete."""
+    monkeypatch.setenv("SSLRECIPE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SSLRECIPE_OFFLINE", "1")
+    runner = CliRunner()
+    recipe = tmp_path / "advised.yaml"
+    res = runner.invoke(main, ["advise", "--backbone", "resnet", "--shots", "25", "--write-recipe", str(recipe)])
+    assert res.exit_code == 0, res.output
+    sets = [a for kv in TINY for a in ("--set", kv)]
+    res = runner.invoke(main, ["run", str(recipe), "--run-dir", str(tmp_path / "run"), *sets])
+    assert res.exit_code == 1, res.output
+    warning = next(line for line in res.output.splitlines() if line.startswith("warning:"))
+    assert "matrix cell advised-resim cannot start" in warning and "resim-fpn-resnet50-400ep" in warning
+    assert "SSLRECIPE_OFFLINE=1" in warning and "sslrecipe weights fetch resim-fpn-resnet50-400ep" in warning
+    assert "weights.source=scratch" in warning and "Running baseline-scratch without it" in warning
+    assert "Traceback" not in res.output
+    # the baseline ran to its report; the advised arm never started a stage
+    assert (tmp_path / "run" / "baseline-scratch" / "report.md").is_file()
+    assert not (tmp_path / "run" / "advised-resim" / "events.jsonl").exists()
+    assert "not run: matrix cell advised-resim" in res.output
+
+
+def test_offline_without_a_baseline_the_run_stops_before_any_stage(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSLRECIPE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SSLRECIPE_OFFLINE", "1")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\ndata: {synthetic: {images: 8}}\nweights: {source: fetch, id: dino-resnet50}\n"
+                      "backbone: {name: resnet50}\n")
+    res = CliRunner().invoke(main, ["run", str(recipe), "--run-dir", str(tmp_path / "run")])
+    assert res.exit_code == 2, res.output
+    assert "this run cannot start: weights.id dino-resnet50" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_written_with_data_reads_the_users_set_and_pool(tmp_path, monkeypatch):
+    """--data FILE --pool DIR: the written recipe's data stage reads that file and its images, carves a seeded
+    val/test split from it, and lists the pool; nothing synthetic."""
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.setenv("SSLRECIPE_OFFLINE", "1")  # the advised arm's weights are not needed before that stage
+    monkeypatch.setenv("SSLRECIPE_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "pool").mkdir()
+    images, anns = [], []
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (64, 80), dtype=np.uint8)).save(tmp_path / "data" / f"im{i}.png")
+        images.append({"id": i + 1, "file_name": f"im{i}.png", "width": 80, "height": 64})
+        anns.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [8, 8, 10, 10], "area": 100, "iscrowd": 0})
+    (tmp_path / "data" / "train.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "car"}]}))
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (64, 80), dtype=np.uint8)).save(tmp_path / "pool" / f"u{i}.png")
+    runner = CliRunner()
+    recipe = tmp_path / "advised.yaml"
+    res = runner.invoke(main, ["advise", "--data", str(tmp_path / "data" / "train.json"), "--pool",
+                               str(tmp_path / "pool"), "--custom-pretrain", "required", "--backbone", "resnet",
+                               "--write-recipe", str(recipe)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["run", str(recipe), "--run-dir", str(tmp_path / "run"), "--until", "data",
+                               "--cell", "baseline-scratch"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    [done] = (tmp_path / "run").rglob("data-*/done.json")
+    summary = json.loads(done.read_text())
+    assert (summary["train"], summary["val"], summary["test"], summary["unlabeled"]) == (6, 2, 2, 3)
+    manifest = json.loads((done.parent / "data.json").read_text())
+    assert manifest["splits"]["train"]["image_root"] == str((tmp_path / "data").resolve())

@@ -74,6 +74,9 @@ def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, until: str
     Ctrl-C stops gracefully with a checkpoint.
     """
     _check_before_run(recipe, overrides)
+    skipped = _skip_unavailable(recipe, overrides, cells, until)
+    if skipped:
+        cells = skipped[0]
     from sslrecipe.engine.loop import Interrupted  # torch is imported only when a run starts
     from sslrecipe.engine.matrix import MatrixFailed
     from sslrecipe.engine.runner import run_recipe
@@ -91,3 +94,24 @@ def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, until: str
     for name in ("report.md", "comparison.md"):
         if (target / name).is_file():
             click.echo(f"{name.split('.')[0]}:  {target / name}")
+    if skipped:  # the other cells ran; the skipped ones are a problem the user has to act on
+        for blocked in skipped[1]:
+            click.secho(f"not run: {blocked.line()}", fg="red", err=True)
+        sys.exit(1)
+
+
+def _skip_unavailable(recipe: str, overrides, cells, until):
+    """Before any stage: the matrix cells whose fetched weights cannot be had are named (one line each, with the
+    choices) and left out, so the others (the baseline arm) still run. Returns (cells to run, skipped) or None;
+    a run with nothing left to run stops here."""
+    from sslrecipe.engine.preflight import preflight
+    from sslrecipe.errors import SSLRecipeError
+
+    runnable, blocked = preflight(recipe, overrides, cells, until)
+    if not blocked:
+        return None
+    if not runnable:
+        raise SSLRecipeError("\n".join(b.line() for b in blocked))
+    for b in blocked:
+        click.secho(f"warning: {b.line()} Running {', '.join(runnable)} without it.", fg="yellow", err=True)
+    return tuple(runnable), blocked
