@@ -42,9 +42,13 @@ def _weights(option: Option) -> dict[str, Any]:
 
 
 def _rel(path: str, base: Optional[Path]) -> str:
-    """`path` (as the user gave it, from the working directory) relative to the recipe's folder."""
+    """`path` (as the user gave it, from the working directory) relative to the recipe's folder when it is
+    near it (inside it or a sibling: the two move together), else absolute."""
     full = os.path.abspath(os.path.expanduser(path))
-    return os.path.relpath(full, os.path.abspath(base)) if base is not None else full
+    if base is None:
+        return full
+    rel = os.path.relpath(full, os.path.abspath(base))
+    return full if rel.startswith(os.path.join(os.pardir, os.pardir)) else rel
 
 
 def _format_splits(path: str) -> tuple[str, ...]:
