@@ -52,6 +52,8 @@ CASES = [
      ["pretrain.first.img_size 50 is not divisible by the ViT's patch size 16"], "8:25"),
     ("method-for-another-family", PRETRAIN + "pretrain: {method: leopart}\n", [],
      ["pretrain.method 'leopart' supports vit backbones", "'resnet18' is a cnn"], "5:12"),
+    ("spark-without-sparse-layers", VIT.replace("vit_tiny_patch16_224", "convnextv2_atto") + "pretrain: {method: spark}\n", [],
+     ["SparK cannot sparsify backbone 'convnextv2_atto'", "GlobalResponseNorm"], None),
     ("beta-one", BASE + "finetune: {betas: [0.9, 1.0]}\n", [], ["finetune.betas: each beta must be in [0, 1)"], "4:12"),
     ("beta-negative", BASE, ["--set", "pretrain.betas=[-0.1, 0.9]"], ["pretrain.betas: each beta must be in [0, 1)"], None),
     ("lr-inf", BASE + "finetune: {lr: .inf}\n", [], ["finetune.lr: Input should be a finite number"], "4:12"),

@@ -52,7 +52,7 @@ def test_pool_holding_a_test_image_stops_with_leak(tmp_path):
     data = (f"{{train: {{annotations: {ann}, images: {ann.parent / 'images'}}}, test: {{annotations: {tmp_path / 'test.json'}, "
             f"images: {ann.parent / 'images'}}}, unlabeled: {pool}}}")
     res = run("--run-dir", str(tmp_path / "r"), "--until", "data", "--set", f"data={data}",
-              "--set", "weights={source: pretrain}", "--set", "pretrain.method=mae")
+              "--set", "weights={source: pretrain}", "--set", "pretrain.method=resim")
     assert res.exit_code == 2
     assert "leak" in res.output and "planted_copy.jpg" in res.output and "allow_leakage" in res.output
 

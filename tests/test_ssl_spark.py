@@ -377,8 +377,8 @@ def test_pipeline_pretrains_with_the_official_optimizer_keys_and_exports_strictl
 
 
 @pytest.mark.parametrize("method", ["spark", "hybrid"])
-@pytest.mark.parametrize("backbone,betas", [("resnet18", [0.9, 0.95]), ("convnext_atto", [0.9, 0.999]),
-                                            ("convnextv2_atto", [0.9, 0.999])])
+# (ConvNeXt V2's GlobalResponseNorm has no sparse version: `validate` refuses it for SparK, tested in test_bad_recipes)
+@pytest.mark.parametrize("backbone,betas", [("resnet18", [0.9, 0.95]), ("convnext_atto", [0.9, 0.999])])
 def test_resolved_optimizer_defaults_follow_the_architecture(method, backbone, betas):
     """SparK's arg_util.py: ada 0.95 for ResNets, 0.999 for ConvNeXt; a key the recipe sets still wins."""
     import yaml
