@@ -1,17 +1,13 @@
 import os
 
 # Before torch loads (OpenMP reads it once): idle threads sleep instead of spinning, as the CLI sets it.
+# With it, torch's default of one thread per core is the fastest on a quiet machine (CI) and no slower
+# than one thread on a busy one (docs/results.md, "CPU threads"), so the thread count is left alone.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
-
-# One intra-op thread: on a 2-core machine shared with other work, OpenMP threads spinning against
-# each other make CPU steps 10x slower; one thread is never far from the best. Subprocesses inherit it.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 HIT_UAV = REPO.parent / "shared" / "data" / "hit-uav"
