@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from sslrecipe.errors import RecipeError, SSLRecipeError
-from sslrecipe.recipe.loader import Origin, RawRecipe, _suggest, matrix_variants
+from sslrecipe.recipe.loader import Origin, RawRecipe, _suggest, matrix_variants, origin_for
 from sslrecipe.recipe.schema import Recipe
 
 _built: dict[str, Optional[str]] = {}  # what one meta build found (None = nothing), by its arguments
@@ -43,15 +43,6 @@ def check_recipe(recipe: Recipe, raw: Optional[RawRecipe] = None) -> None:
         raise RecipeError("\n".join(m + (f" (in the matrix cell {label})" if label else "") for m, label in found.items()))
 
 
-def _where(origins: dict[str, Origin], key: str, fallback: str) -> str:
-    probe = key
-    while probe:
-        if probe in origins:
-            return str(origins[probe])
-        probe = probe.rpartition(".")[0]
-    return fallback
-
-
 def _problems(recipe: Recipe, origins: dict[str, Origin], fallback: str) -> list[str]:
     from sslrecipe.ssl.registry import available
 
@@ -60,7 +51,7 @@ def _problems(recipe: Recipe, origins: dict[str, Origin], fallback: str) -> list
     backbone_problem = _build_once("backbone", b.name, b.in_chans, b.kwargs)
     if backbone_problem:
         key = "backbone.kwargs" if b.kwargs and "kwargs" in backbone_problem else "backbone.name"
-        problems.append(f"{_where(origins, key, fallback)}: {key}: {backbone_problem}")
+        problems.append(f"{origin_for(origins, key, fallback)}: {key}: {backbone_problem}")
     methods = sorted(available())
     configs = [("pretrain", recipe.pretrain)] + ([("pretrain.first", recipe.pretrain.first)] if recipe.pretrain.first else [])
     for key, p in configs:
@@ -69,13 +60,13 @@ def _problems(recipe: Recipe, origins: dict[str, Origin], fallback: str) -> list
             known = False
             close = _suggest(p.method, methods, cutoff=0.6)
             hint = f" Did you mean '{close}'?" if close else ""
-            problems.append(f"{_where(origins, f'{key}.method', fallback)}: {key}.method: unknown method "
+            problems.append(f"{origin_for(origins, f'{key}.method', fallback)}: {key}.method: unknown method "
                             f"'{p.method}'.{hint} Methods: {', '.join(methods)}")
         for name in p.options:
             if name not in methods:
                 close = _suggest(name, methods, cutoff=0.6)
                 hint = f" Did you mean '{key}.options.{close}'?" if close else ""
-                problems.append(f"{_where(origins, f'{key}.options.{name}', fallback)}: {key}.options.{name}: options "
+                problems.append(f"{origin_for(origins, f'{key}.options.{name}', fallback)}: {key}.options.{name}: options "
                                 f"are keyed by method name, and '{name}' is not a method.{hint} Methods: {', '.join(methods)}")
         used = recipe.weights.source == "pretrain" and p.method
         if used and known and not backbone_problem:
@@ -91,7 +82,7 @@ def _problems(recipe: Recipe, origins: dict[str, Origin], fallback: str) -> list
 def _locate(message: str, origins: dict[str, Origin], key: str, fallback: str) -> str:
     """Where a builder's message points: the longest key of this pre-training (`key`.*) it names, else `key`.method."""
     named = [k for k in origins if k.startswith(key + ".") and k in message]
-    return _where(origins, max(named, key=len) if named else f"{key}.method", fallback)
+    return origin_for(origins, max(named, key=len) if named else f"{key}.method", fallback)
 
 
 def _build_once(kind: str, *args: Any) -> Optional[str]:

@@ -449,7 +449,8 @@ def _clean_loc(loc: tuple[Any, ...], data: Any) -> tuple[tuple[Any, ...], Option
     return tuple(out), tag
 
 
-def _origin_for(origins: dict[str, Origin], dotted: str, fallback: str) -> str:
+def origin_for(origins: dict[str, Origin], dotted: str, fallback: str) -> str:
+    """Where `dotted` (or the nearest enclosing key that has a position) was written: file:line:col, else `fallback`."""
     probe = dotted
     while probe:
         if probe in origins:
@@ -484,7 +485,7 @@ def _format_errors(err: ValidationError, raw: RawRecipe, fallback: Optional[str]
         ):
             continue
         dotted = ".".join(str(p) for p in loc)
-        where = _origin_for(raw.origins, dotted, fallback)
+        where = origin_for(raw.origins, dotted, fallback)
         if e["type"] == "extra_forbidden":
             annotation = _annotation_at(loc[:-1])
             model = _model_of(annotation)
@@ -549,7 +550,7 @@ def _check_matrix_keys(raw: RawRecipe) -> None:
     axes: dict[str, list[Any]] = matrix.get("axes") or {}
     arms: list[dict[str, Any]] = matrix.get("arms") or []
     for key, values in axes.items():
-        where = _origin_for(raw.origins, f"matrix.axes.{key}", path)
+        where = origin_for(raw.origins, f"matrix.axes.{key}", path)
         problem = _check_settable(key, where, "matrix.axes")
         if problem is None and not values:
             problem = f"{where}: matrix.axes '{key}' has no values: give at least one, or remove the axis"
@@ -557,13 +558,13 @@ def _check_matrix_keys(raw: RawRecipe) -> None:
             problems.append(problem)
     named: dict[str, str] = {}
     for i, arm in enumerate(arms):
-        where = _origin_for(raw.origins, f"matrix.arms.{i}", path)
+        where = origin_for(raw.origins, f"matrix.arms.{i}", path)
         if arm["name"] in named:
             problems.append(f"{where}: two matrix arms are named '{arm['name']}' (the other at {named[arm['name']]}); "
                             "each arm names its cells' directories: give them distinct names")
         named.setdefault(arm["name"], where)
         for key in arm.get("set") or {}:
-            problem = _check_settable(key, _origin_for(raw.origins, f"matrix.arms.{i}.set.{key}", where),
+            problem = _check_settable(key, origin_for(raw.origins, f"matrix.arms.{i}.set.{key}", where),
                                       f"matrix arm '{arm['name']}' set")
             if problem:
                 problems.append(problem)
@@ -571,7 +572,7 @@ def _check_matrix_keys(raw: RawRecipe) -> None:
         raise RecipeError("\n".join(problems))
     total = math.prod(len(v) for v in axes.values()) * max(1, len(arms))
     if total > MAX_MATRIX_CELLS:
-        raise RecipeError(f"{_origin_for(raw.origins, 'matrix', path)}: the matrix makes {total} cells, more than "
+        raise RecipeError(f"{origin_for(raw.origins, 'matrix', path)}: the matrix makes {total} cells, more than "
                           f"{MAX_MATRIX_CELLS} runs; split it into several recipes or run chosen cells")
 
 
