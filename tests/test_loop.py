@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from sslrecipe.engine import signals
+from sslrecipe import signals
 from sslrecipe.engine.checkpoint import atomic_torch_save, load_checkpoint
 from sslrecipe.engine.events import EVENT_NAMES, EventLog, read_events
 from sslrecipe.engine.loop import EpochBatchSampler, Interrupted, LoopSettings, TrainLoop

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from sslrecipe.atomic import atomic_write_text
 from sslrecipe.errors import DataError
 
 
@@ -64,8 +65,5 @@ def eval_cmd(gt_path: str, dets_path: str, json_out: str | None, max_dets: int, 
     click.echo(format_metrics(metrics))
     if json_out:
         out = Path(json_out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
-        tmp.replace(out)
+        atomic_write_text(out, json.dumps(metrics, indent=1) + "\n")
         click.echo(f"metrics written to {out}")

@@ -34,6 +34,7 @@ from typing import Any, Iterable, Optional, Union
 import yaml
 from PIL import Image
 
+from sslrecipe.atomic import atomic_write_text
 from sslrecipe.errors import DataError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -282,10 +283,7 @@ def write_coco(coco: dict, path: PathLike, image_root: Optional[PathLike] = None
             info["image_root"] = root.as_posix()
         out = {"info": info, **{k: v for k, v in out.items() if k != "info"}}
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(out), encoding="utf-8")
-        os.replace(tmp, p)
+        atomic_write_text(p, json.dumps(out))
     except OSError as e:
         raise DataError(f"cannot write {p}: {e} — check the folder and free disk space") from e
     return p

@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from sslrecipe.atomic import atomic_write_text
 from sslrecipe.errors import DataError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -177,10 +178,7 @@ def dataset_normalization(
     stats["fingerprint"] = fp
     if cache_file is not None:
         try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_name(cache_file.name + ".tmp")
-            tmp.write_text(json.dumps(stats, indent=1), encoding="utf-8")
-            os.replace(tmp, cache_file)
+            atomic_write_text(cache_file, json.dumps(stats, indent=1))
         except OSError as e:
             raise DataError(f"cannot write the normalization cache {cache_file}: {e}") from e
     return stats

@@ -36,6 +36,7 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image
 
+from sslrecipe.atomic import atomic_write_text
 from sslrecipe.errors import DataError
 
 #: COCO categories written by the generator (ids are stable across versions).
@@ -561,10 +562,8 @@ def generate_synthetic(
         "categories": [dict(c) for c in CATEGORIES],
     }
     ann_path = out / "annotations.json"
-    tmp = out / f".annotations.json.tmp{os.getpid()}"
     try:
-        tmp.write_text(json.dumps(coco, separators=(",", ":")))
-        os.replace(tmp, ann_path)
+        atomic_write_text(ann_path, json.dumps(coco, separators=(",", ":")))
     except OSError as e:
         raise DataError(f"cannot write {ann_path}: {e} — check free disk space and permissions") from e
     return ann_path

@@ -9,72 +9,16 @@ disk) raises that OSError naming the file it was writing, and leaves the previou
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from sslrecipe.engine.rundir import os_error_in
-from sslrecipe.engine.signals import deferred_interrupts
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-_FILE_MODE = 0o666 & ~_UMASK  # what open() would give; mkstemp makes 0600 files
-
-
-def _atomic_replace(path: Path, fill: Callable[[int, str], None]) -> None:
-    """`fill(fd, tmp)` writes a temp file beside `path` (and closes fd), which is then renamed over `path`."""
-    path = Path(path)
-    with deferred_interrupts():
-        tmp = None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            fill(fd, tmp)
-            os.chmod(tmp, _FILE_MODE)
-            os.replace(tmp, path)
-        except BaseException as e:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-            if isinstance(e, Exception):
-                cause = os_error_in(e)
-                if cause is not None:  # name the file the user knows, not the temp file (or nothing at all)
-                    raise type(cause)(cause.errno, cause.strerror, str(path)) from e
-            raise
-
-
-def _atomic_write(path: Path, mode: str, write) -> None:
-    """`write(file)` into a temp file beside `path`, fsync, then rename over `path`."""
-
-    def fill(fd: int, tmp: str) -> None:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-
-    _atomic_replace(path, fill)
-
-
-def atomic_write_file(path: Path, write_to: Callable[[str], None]) -> None:
-    """For writers that take a file name (safetensors' `save_file`): `write_to(tmp)` beside `path`, fsync, rename."""
-
-    def fill(fd: int, tmp: str) -> None:
-        os.close(fd)
-        write_to(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    _atomic_replace(path, fill)
+from sslrecipe.atomic import atomic_write, atomic_write_file
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict] = None) -> None:
@@ -84,11 +28,7 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, "w", lambda f: f.write(text))
+    atomic_write(path, "wb", lambda f: torch.save(obj, f))
 
 
 def rng_state() -> dict[str, Any]:

@@ -35,9 +35,9 @@ from sslrecipe.engine.checkpoint import (
 )
 from sslrecipe.engine.events import EventLog
 from sslrecipe.engine.schedules import build_optimizer, build_scheduler
-from sslrecipe.engine.signals import DeferredInterrupt, stop_requested
 from sslrecipe.errors import StageError
 from sslrecipe.recipe.schema import OptimConfig
+from sslrecipe.signals import DeferredInterrupt, stop_requested
 
 CHECKPOINT_NAME = "checkpoint.pt"
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from sslrecipe.engine.checkpoint import atomic_write_text
+from sslrecipe.atomic import atomic_write_text
 from sslrecipe.engine.names import DONE_NAME
 from sslrecipe.errors import RecipeError, SSLRecipeError
 from sslrecipe.recipe import Recipe, recipe_to_yaml

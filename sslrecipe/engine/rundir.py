@@ -14,12 +14,12 @@ import errno
 import fcntl
 import json
 import os
-import re
 import socket
 import time
 from pathlib import Path
 from typing import Optional
 
+from sslrecipe.atomic import os_error_in
 from sslrecipe.errors import SSLRecipeError
 
 LOCK_NAME = "run.lock"
@@ -35,23 +35,6 @@ class RunLocked(SSLRecipeError):
 
 
 _RESUME = "rerun the same command to resume (finished stages are kept; an unfinished one resumes from its last checkpoint)"
-
-
-def os_error_in(exc: BaseException) -> Optional[OSError]:
-    """The OSError behind `exc`: itself, one in its cause/context chain (torch's zip writer wraps a failed write in
-    a RuntimeError), or the errno a Rust library (safetensors) prints as "(os error N)"."""
-    seen = set()
-    e: Optional[BaseException] = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno is not None:
-            return e
-        e = e.__cause__ or e.__context__
-    match = re.search(r"\(os error (\d+)\)", str(exc))
-    if match:
-        code = int(match.group(1))
-        return OSError(code, os.strerror(code))
-    return None
 
 
 def storage_error(exc: BaseException, run_dir: Path) -> Optional[StorageError]:

@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 import torch
 
-from sslrecipe.engine.checkpoint import atomic_save_safetensors, atomic_write_text
+from sslrecipe.atomic import atomic_write_text
+from sslrecipe.engine.checkpoint import atomic_save_safetensors
 from sslrecipe.engine.cpu_threads import plan_threads
 from sslrecipe.engine.loop import LoopSettings, TrainLoop, resolve_device, resolve_precision
 from sslrecipe.engine.pipeline import Pipeline, Stage, StageContext
@@ -555,6 +556,10 @@ def run_finetune(ctx: StageContext) -> dict:
         "anchor_sizes": list(anchors), "in_chans": recipe.backbone.in_chans, "norm": f.norm,
         "trainable_stages": f.trainable_stages, "max_detections": f.max_detections, "fpn_channels": f.fpn_channels,
         "rois_per_image": f.rois_per_image, "detector": f.detector, "mask_channels": f.mask_channels,
+        # what `sslrecipe predict` / `export` need to read new images as training did: the detector directory stands alone
+        "categories": [{"id": int(c["id"]), "name": str(c.get("name", c["id"]))}
+                       for c in sorted(coco["categories"], key=lambda c: c["id"])],
+        "data_normalization": read_manifest(ctx.upstream["data"]).get("normalization"),
         # the input normalisation the encoder's weights expect, applied by the detector (and after it by predict)
         **Normalization.from_meta(meta, recipe.backbone.in_chans, str(ctx.upstream["weights"] / "encoder.json")).to_meta(),
     }

@@ -7,8 +7,6 @@ This is what the pipeline's evaluate stage calls; ``sslrecipe eval`` scores a de
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -16,6 +14,7 @@ from typing import Any, Mapping, Optional
 from torch import nn
 from torch.utils.data import Dataset
 
+from sslrecipe.atomic import atomic_write
 from sslrecipe.evaluate.coco_eval import evaluate_full
 
 DETECTIONS_JSON = "detections.json"
@@ -74,15 +73,7 @@ def evaluate_model(
 
 
 def _atomic_json(path: Path, value: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(value, f, indent=None if isinstance(value, list) else 1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, "w", lambda f: json.dump(value, f, indent=None if isinstance(value, list) else 1))
 
 
 def write_evaluation(out_dir: Path, evaluation: ModelEvaluation) -> dict[str, Path]:

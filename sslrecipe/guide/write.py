@@ -12,13 +12,13 @@ replaces anything at PATH.
 from __future__ import annotations
 
 import os
-import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
+from sslrecipe.atomic import atomic_write_file
 from sslrecipe.errors import SSLRecipeError
 from sslrecipe.guide.advisor import INIT_PHRASES, Advice, Option
 from sslrecipe.guide.evidence import BACKBONES
@@ -299,16 +299,13 @@ def write_recipe(advice: Advice, path: str | Path, option: Optional[Option] = No
     text = recipe_yaml(advice, option, parent)
     if not parent.is_dir():
         raise SSLRecipeError(f"--write-recipe {path}: folder {parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".advised-", suffix=".yaml", dir=parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+
+    def write_checked(tmp: str) -> None:
+        Path(tmp).write_text(text, encoding="utf-8")
         try:
             load_recipe(tmp)
         except SSLRecipeError as e:  # a bug here, never the user's
             raise SSLRecipeError(f"internal error: the advised recipe does not validate:\n{e}") from None
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    atomic_write_file(path, write_checked, suffix=".yaml")  # validated before it replaces anything
     return path

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
+from sslrecipe.atomic import atomic_write_file, atomic_write_text
 from sslrecipe.errors import SSLRecipeError
 from sslrecipe.models.normalization import Normalization
 
@@ -174,23 +173,6 @@ def _mismatch_message(got: Mapping[str, tuple], want: Mapping[str, tuple]) -> Op
     return "; ".join(parts)
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def export_encoder(
     model: nn.Module,
     out_dir: Union[str, Path],
@@ -251,13 +233,8 @@ def export_encoder(
     weights_path = out_dir / ENCODER_WEIGHTS
     header = {"format": "pt", "timm_name": timm_name, "timm_kwargs": json.dumps(kwargs, sort_keys=True),
               "mean": json.dumps(list(norm.mean)), "std": json.dumps(list(norm.std))}
-    _atomic_write_bytes(weights_path, lambda tmp: save_file(state, tmp, metadata=header))
-
-    def write_meta(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(meta_text)
-
-    _atomic_write_bytes(out_dir / ENCODER_META, write_meta)
+    atomic_write_file(weights_path, lambda tmp: save_file(state, tmp, metadata=header))
+    atomic_write_text(out_dir / ENCODER_META, meta_text)
     return weights_path
 
 

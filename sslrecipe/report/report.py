@@ -9,15 +9,14 @@ Plots use matplotlib's object API on the Agg canvas (no pyplot global state, no 
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from sslrecipe.atomic import atomic_write_file, atomic_write_text
 from sslrecipe.engine.events import read_events
 
 REPORT_MD = "report.md"
@@ -42,33 +41,11 @@ _DET_COLOUR = "#ff3d00"
 # ---------------------------------------------------------------------------------------------- io
 
 
-def _atomic_path(final: Path):
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    return tmp
-
-
 def _save_figure(fig, path: Path) -> None:
-    tmp = _atomic_path(path)
-    try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = _atomic_path(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+_write_text = atomic_write_text
 
 
 def _new_figure(width: float, height: float):

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Optional
 from urllib.parse import urlparse
 
+from sslrecipe.atomic import atomic_write_text
 from sslrecipe.errors import SSLRecipeError
 from sslrecipe.weights.catalogue import Entry, Source, find_entry, get_entry
 
@@ -149,12 +150,7 @@ class ChecksumRegistry:
     def record(self, key: str, sha256: str, size: int) -> None:
         data = self._read()
         data[key] = {"sha256": sha256, "size": size, "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".checksums.", suffix=".tmp", dir=self.path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------- specs
