@@ -172,7 +172,7 @@ def test_the_comparison_notices_the_ema_after_the_optimizer_step():
     loss = m(batch())["loss"]
     loss.backward()
     optimizer.step()
-    from sslrecipe.ssl.dino import ema_update
+    from sslrecipe.ssl.ema import ema_update
 
     ema_update(m.teacher_parameters(), m.student_parameters(),  # ... and the EMA after the step instead
                m.momentum_at(int(m.iteration), int(m.total_steps)))

@@ -16,6 +16,7 @@ from typing import Iterable, Optional
 import yaml
 
 from sslrecipe.errors import SSLRecipeError
+from sslrecipe.models.family import backbone_family
 
 TABLES = ("III", "IV", "VI", "VII")
 ROW_KEYS = (
@@ -32,7 +33,8 @@ BACKBONES = {
 
 
 def family_of(backbone: str) -> str:
-    return BACKBONES[backbone][1] if backbone in BACKBONES else ("vit" if backbone.startswith("vit") else "resnet")
+    """The survey's family of a backbone: `resnet` or `vit` (the advisor's words for `cnn` / `vit`)."""
+    return BACKBONES[backbone][1] if backbone in BACKBONES else ("vit" if backbone_family(backbone) == "vit" else "resnet")
 
 
 @dataclass(frozen=True)

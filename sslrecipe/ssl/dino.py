@@ -59,10 +59,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from sslrecipe.models.family import backbone_family
 from sslrecipe.ssl import views as V
 from sslrecipe.ssl.views import CropScale
+from sslrecipe.ssl.ema import ema_update
 from sslrecipe.ssl.optim_control import OptimizerControl
-from sslrecipe.ssl.registry import SSLMethod, backbone_family, register
+from sslrecipe.ssl.registry import SSLMethod, register
 from sslrecipe.ssl.vit_utils import check_img_size, check_vit, patch_size_of, vit_forward
 
 
@@ -193,13 +195,6 @@ def clip_gradients_per_param(params, clip: float) -> None:
             coef = clip / (norm + 1e-6)
             if coef < 1:
                 p.grad.mul_(coef)
-
-
-@torch.no_grad()
-def ema_update(teacher_params, student_params, momentum: float) -> None:
-    """``param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)`` for every pair."""
-    for pt, ps in zip(teacher_params, student_params):
-        pt.mul_(momentum).add_(ps.detach() * (1 - momentum))
 
 
 # The official ViT optimiser settings (main_dino.py defaults) as pretrain.* recipe keys; exposed as

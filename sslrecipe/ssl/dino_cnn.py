@@ -42,7 +42,7 @@ from typing import Optional
 from sslrecipe.errors import SSLRecipeError
 from sslrecipe.ssl import views as V
 from sslrecipe.ssl.dino import DINO, DINOOptions
-from sslrecipe.ssl.registry import backbone_family
+from sslrecipe.models.family import backbone_family
 from sslrecipe.ssl.resim import reset_torchvision_resnet_init
 
 #: The README's ResNet-50 recipe as pretrain.* recipe keys (main_dino.py defaults for everything it does not set).

@@ -49,6 +49,7 @@ from torch import nn
 
 from sslrecipe.ssl import sparse as S
 from sslrecipe.ssl import views as V
+from sslrecipe.ssl.ema import ema_update
 from sslrecipe.ssl.registry import register
 from sslrecipe.ssl.spark import OPTIM_DEFAULTS, SparK, SparKOptions, optim_defaults_for
 
@@ -180,8 +181,7 @@ class Hybrid(SparK):
     def after_step(self, step: int, total: int) -> None:
         """EMA of the target with the momentum of the iteration just finished (``step - 1``), then SparK's state."""
         m = self.momentum_at(step - 1, total)
-        for pt, ps in zip(self.teacher_parameters(), self.student_parameters()):
-            pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+        ema_update(self.teacher_parameters(), self.student_parameters(), m)
         super().after_step(step, total)
 
 

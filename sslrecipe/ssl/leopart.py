@@ -63,7 +63,8 @@ from torch import nn
 
 from sslrecipe.ssl import views as V
 from sslrecipe.ssl.views import CropScale
-from sslrecipe.ssl.dino import cosine_value, default_local_size, ema_update
+from sslrecipe.ssl.dino import cosine_value, default_local_size
+from sslrecipe.ssl.ema import ema_update
 from sslrecipe.ssl.optim_control import OptimizerControl
 from sslrecipe.ssl.registry import SSLMethod, register
 from sslrecipe.ssl.vit_utils import check_img_size, check_vit, patch_size_of, vit_forward, vit_forward_with_last_attention

@@ -16,13 +16,8 @@ import torch
 from torch import nn
 
 from sslrecipe.errors import SSLRecipeError
+from sslrecipe.models.family import backbone_family
 from sslrecipe.models.normalization import DEFAULT_MEAN, DEFAULT_STD
-
-
-def backbone_family(timm_name: str) -> str:
-    """`vit` for plain vision transformers, `cnn` for everything else timm builds."""
-    name = timm_name.lower()
-    return "vit" if name.startswith(("vit_", "deit", "eva", "beit")) else "cnn"
 
 
 def is_convnext(timm_name: str) -> bool:

@@ -72,7 +72,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
@@ -82,9 +81,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from sslrecipe.atomic import atomic_write_file
 from sslrecipe.errors import RecipeError, SSLRecipeError
 from sslrecipe.ssl import views as V
 from sslrecipe.ssl.views import CropScale
+from sslrecipe.ssl.ema import ema_update
 from sslrecipe.ssl.registry import SSLMethod, register
 
 #: The official pre-training optimiser settings (README command + main_moco.py), as pretrain.* recipe keys.
@@ -418,9 +419,7 @@ class ReSim(SSLMethod):
 
     @torch.no_grad()
     def momentum_update(self) -> None:
-        m = self.opts.momentum
-        for pq, pk in zip(self.query.parameters(), self.key.parameters()):
-            pk.mul_(m).add_(pq.detach(), alpha=1.0 - m)
+        ema_update(self.key.parameters(), self.query.parameters(), self.opts.momentum)
 
     def after_step(self, step: int, total: int) -> None:
         self.momentum_update()
@@ -449,14 +448,7 @@ def save_fpn(fpn: ReSimFPN, path: Path, strides=(8, 16, 32)) -> Path:
     meta = {"format": "resim_fpn", "in_channels": json.dumps(list(fpn.in_channels)), "dim": str(fpn.dim),
             "norm": json.dumps(fpn.norm), "strides": json.dumps(list(strides)),
             "levels": json.dumps({"fpn_lateral3": 8, "fpn_output3": 8, "fpn_lateral4": 16, "fpn_output4": 16, "fpn_lateral5": 32})}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_file(path, lambda tmp: save_file(state, tmp, metadata=meta))
     return path
 
 
