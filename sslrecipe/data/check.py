@@ -33,33 +33,20 @@ import contextlib
 import math
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from sslrecipe.data.formats import detect_format, load_labeled
+from sslrecipe.data.images import list_images, read_image, too_small
+from sslrecipe.data.problem import Problem
 from sslrecipe.errors import DataError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 #: Boxes may extend this far (pixels) past the border before they count as outside.
 BORDER_TOLERANCE = 0.5
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a dataset: the file it concerns, a short kind, and what to do."""
-
-    file: str
-    kind: str
-    message: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def __str__(self) -> str:
-        return f"{self.file}: {self.kind}: {self.message}"
 
 
 @contextlib.contextmanager
@@ -116,8 +103,6 @@ def inspect_image(path: PathLike) -> tuple[Optional[Problem], Optional[tuple[int
         return Problem(str(p), "unreadable", f"cannot decode: {type(e).__name__}: {e}"), None
     if w == 0 or h == 0:
         return Problem(str(p), "empty", f"the image has no pixels ({w}x{h})"), None
-    from sslrecipe.data.images import too_small
-
     small = too_small(w, h)
     if small is not None:
         return Problem(str(p), "too_small", f"{small} — remove it, or replace it with the full frame"), None
@@ -129,8 +114,6 @@ def _fallback_read(p: Path) -> Optional[tuple[int, int]]:
     if p.suffix.lower() not in (".tif", ".tiff"):
         return None
     try:
-        from sslrecipe.data.images import read_image
-
         arr = read_image(p)
     except Exception:  # noqa: BLE001
         return None
@@ -312,8 +295,6 @@ def drop_invalid(
 
 def check_folder(folder: PathLike) -> list[Problem]:
     """Decode every image below ``folder`` (recursive); a folder without images is a problem too."""
-    from sslrecipe.data.images import list_images
-
     paths = list_images(folder)
     if not paths:
         return [Problem(str(folder), "empty", "no image files found (searched recursively for jpg/png/tif/tiff/bmp)")]
@@ -334,8 +315,6 @@ def check_dataset(
     ``images``), or a plain folder of images, which is checked image by image. ``images=False``
     skips decoding the image files (annotation checks only).
     """
-    from sslrecipe.data.formats import detect_format, load_labeled
-
     if isinstance(path_or_coco, dict):
         return check_coco(path_or_coco, image_root, "annotations", images=images)
     p = Path(path_or_coco).expanduser()

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from sslrecipe.data.images import read_normalized, to_channels
+from sslrecipe.data.images import to_channels
+from sslrecipe.data.normalize import read_normalized
 from sslrecipe.errors import DataError
 
 PathLike = Union[str, "os.PathLike[str]"]

@@ -16,7 +16,7 @@ Ignore regions
     annotations (ignored in evaluation, as in the VOC protocol).
 
 Readers take an optional ``problems`` list: when given, malformed entries are recorded there as
-:class:`~sslrecipe.data.check.Problem` objects and skipped (what ``sslrecipe data check`` does);
+:class:`~sslrecipe.data.problem.Problem` objects and skipped (what ``sslrecipe data check`` does);
 when ``None``, the first malformed entries raise :class:`~sslrecipe.errors.DataError`.
 """
 
@@ -35,6 +35,7 @@ import yaml
 from PIL import Image
 
 from sslrecipe.atomic import atomic_write_text
+from sslrecipe.data.problem import Problem
 from sslrecipe.errors import DataError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -68,9 +69,7 @@ def ignore_regions(coco: dict) -> list[tuple[Any, tuple[float, float, float, flo
     return list(seen)
 
 
-def _problem(file: Any, kind: str, message: str):
-    from sslrecipe.data.check import Problem  # local: check imports this module
-
+def _problem(file: Any, kind: str, message: str) -> Problem:
     return Problem(str(file), kind, message)
 
 

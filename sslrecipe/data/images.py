@@ -238,13 +238,3 @@ def to_channels(arr: np.ndarray, in_chans: int, *, source: Optional[PathLike] = 
         f"{where} {c} channels but the backbone expects {in_chans} (backbone.in_chans) — set "
         f"backbone.in_chans: {c}, or convert the images to 1 or 3 channels"
     )
-
-
-def read_normalized(path: PathLike, stats: Optional[dict] = None) -> np.ndarray:
-    """`read_image`, then the dataset's intensity normalization when `stats` is given (see normalize.py)."""
-    arr = read_image(path)
-    if stats is None:
-        return arr
-    from sslrecipe.data.normalize import apply_normalization
-
-    return apply_normalization(arr, stats)

@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from sslrecipe.atomic import atomic_write_text
+from sslrecipe.data.images import read_image
 from sslrecipe.errors import DataError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -75,8 +76,6 @@ def compute_normalization(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Measure the statistics (no cache); see :func:`dataset_normalization`."""
-    from sslrecipe.data.images import read_image
-
     lo_p, hi_p = float(percentiles[0]), float(percentiles[1])
     if not 0 <= lo_p < hi_p <= 100:
         raise DataError(f"normalization percentiles must satisfy 0 <= low < high <= 100, got {percentiles}")
@@ -256,3 +255,10 @@ def apply_normalization(arr: np.ndarray, stats: dict, method: Optional[str] = No
         raise DataError(f"unknown normalization method {method!r} — use percentile or meanstd")
     out = out.astype(np.float32, copy=False)
     return out[:, :, 0] if squeeze else out
+
+
+def read_normalized(path: PathLike, stats: Optional[dict] = None) -> np.ndarray:
+    """`read_image`, then the dataset's intensity normalization when `stats` is given: the one reader the
+    datasets (coco.py, unlabeled.py) use."""
+    arr = read_image(path)
+    return arr if stats is None else apply_normalization(arr, stats)

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from sslrecipe.data.images import IMAGE_EXTENSIONS, list_images, read_image, read_normalized, to_channels, too_small
+from sslrecipe.data.images import IMAGE_EXTENSIONS, list_images, to_channels, too_small
+from sslrecipe.data.normalize import read_normalized
 from sslrecipe.errors import DataError
 
 PathLike = Union[str, "os.PathLike[str]"]
