@@ -67,6 +67,7 @@ SHORT_HELP = {
     "data": "synthetic IR data, dataset conversion, checks and statistics",
     "weights": "public SSL checkpoints: list, fetch, convert, cache",
     "eval": "COCO evaluation with small-object metrics",
+    "predict": "a fine-tuned detector on new images, folders and videos",
     "compare": "runs side by side, laid out like the survey's tables",
     "runs": "run directories: remove stages the latest recipe no longer uses",
     "tui": "terminal app: advisor, run monitor, launcher",
@@ -75,6 +76,7 @@ SHORT_HELP = {
 
 def _register() -> None:
     from sslrecipe.cli import advise, compare, data, evaluate, run, runs, tui, weights
+    from sslrecipe.cli import predict as predict_cli
 
     main.add_command(advise.advise)
     main.add_command(run.run)
@@ -82,6 +84,7 @@ def _register() -> None:
     main.add_command(data.data)
     main.add_command(weights.weights)
     main.add_command(evaluate.eval_cmd)
+    main.add_command(predict_cli.predict)
     main.add_command(compare.compare)
     main.add_command(runs.runs)
     main.add_command(tui.tui)
