@@ -73,7 +73,7 @@ def launch(recipe_path: str | Path, runs_root: str | Path, env: Optional[dict[st
         raise SSLRecipeError(f"{path} is a directory: choose a recipe file (.yaml), or resume a run with r")
     if not path.is_file():
         raise SSLRecipeError(f"recipe {path} does not exist")
-    from sslrecipe.engine.pipeline import default_run_dir  # imports torch: call launch() off the UI thread
+    from sslrecipe.engine.rundir import default_run_dir
     from sslrecipe.recipe import load_recipe
 
     recipe = load_recipe(path)  # a RecipeError names the file, line and key

@@ -17,7 +17,6 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -67,11 +66,6 @@ class Stage:
     enabled: Callable[[Recipe], bool] = lambda recipe: True
     fingerprint: Callable[[Recipe], Any] = lambda recipe: None  # content of external inputs
     hash_upstream: Optional[tuple[str, ...]] = None  # upstream stages whose hash enters ours; None = needs
-
-
-def default_run_dir(recipe: Recipe, root: Path = Path("runs")) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return root / f"{recipe.name}-{stamp}"
 
 
 def _versions() -> dict[str, str]:

@@ -6,6 +6,9 @@ however it ends (`kill -9` included), so a run directory is never left locked. T
 (pid, host, start time) for the message a second run prints; that record may be stale, the flock never is.
 Only the process that writes the run directory takes it: under torchrun that is rank 0. Within that process the
 lock is reentrant (a matrix holds its directory and its shared stage cache while each cell's pipeline asks again).
+
+Free of torch (an import-linter contract in pyproject.toml keeps it so): the TUI and the CLI use it, with
+`events.read_events` and `names`, to place and read run directories without loading the training stack.
 """
 
 from __future__ import annotations
@@ -16,14 +19,25 @@ import json
 import os
 import socket
 import time
+from datetime import datetime
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from sslrecipe.atomic import os_error_in
 from sslrecipe.errors import SSLRecipeError
 
+if TYPE_CHECKING:
+    from sslrecipe.recipe import Recipe
+
 LOCK_NAME = "run.lock"
+DEFAULT_ROOT = Path("runs")
 _held: dict[Path, int] = {}  # directories this process holds -> how many holders
+
+
+def default_run_dir(recipe: "Recipe", root: Path = DEFAULT_ROOT) -> Path:
+    """`runs/<recipe name>-<date>-<time>`: where `sslrecipe run` and the TUI's launch put a run without --run-dir."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(root) / f"{recipe.name}-{stamp}"
 
 
 class StorageError(SSLRecipeError):

@@ -12,8 +12,7 @@ import torch
 from sslrecipe.engine.console import ConsoleReporter
 from sslrecipe.engine.cpu_threads import apply_wait_policy, plan_threads
 from sslrecipe.engine.loop import resolve_device
-from sslrecipe.engine.pipeline import default_run_dir
-from sslrecipe.engine.rundir import RunLock, storage_error
+from sslrecipe.engine.rundir import RunLock, default_run_dir, storage_error
 from sslrecipe.engine.stages import build_pipeline, publish
 from sslrecipe.recipe import Recipe, load_recipe
 from sslrecipe.signals import graceful_stop
