@@ -9,13 +9,9 @@ def data() -> None:
 
 
 def _register() -> None:
-    from sslrecipe.cli import data_synth
+    from sslrecipe.cli import data_synth, data_tools
 
     data.add_command(data_synth.synth)
-    try:
-        from sslrecipe.cli import data_tools
-    except ImportError:  # lands with the data-formats work
-        return
     for command in data_tools.COMMANDS:
         data.add_command(command)
 

@@ -35,6 +35,7 @@ import yaml
 from PIL import Image
 
 from sslrecipe.atomic import atomic_write_text
+from sslrecipe.data.images import IMAGE_EXTENSIONS, list_images
 from sslrecipe.data.problem import Problem
 from sslrecipe.errors import DataError
 
@@ -45,7 +46,6 @@ READ_FORMATS = ("coco", "yolo", "voc", "hit-uav")
 #: Formats :func:`convert` writes.
 WRITE_FORMATS = ("coco", "yolo")
 
-_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 _IGNORE_NAMES = {"dontcare", "ignore", "ignored", "ignoredregion", "ignoredregions", "ignoreregion", "ignoreregions"}
 _MAX_LISTED = 10  # problems named in one DataError message
 
@@ -350,15 +350,6 @@ def _yolo_names(raw: Any, source: Path) -> list[str]:
     raise DataError(f"{source}: 'names' must be a list or a mapping {{index: name}}, got {type(raw).__name__}")
 
 
-def _list_image_files(folder: Path) -> list[Path]:
-    try:
-        from sslrecipe.data.images import list_images
-
-        return list_images(folder)
-    except ImportError:  # pragma: no cover - images.py ships with the package
-        return sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_EXTENSIONS and not p.name.startswith("."))
-
-
 def _yolo_split_images(entry: Any, root: Path, source: Path) -> list[Path]:
     entries = entry if isinstance(entry, list) else [entry]
     out: list[Path] = []
@@ -368,7 +359,7 @@ def _yolo_split_images(entry: Any, root: Path, source: Path) -> list[Path]:
         p = Path(e).expanduser()
         p = p if p.is_absolute() else root / p
         if p.is_dir():
-            out += _list_image_files(p)
+            out += list_images(p)
         elif p.is_file() and p.suffix.lower() == ".txt":
             for line in p.read_text(encoding="utf-8").splitlines():
                 line = line.strip()
@@ -449,7 +440,7 @@ def read_yolo(
         else:
             folder = p
             root = p.parent if p.name == "images" else p
-        files = _list_image_files(folder)
+        files = list_images(folder)
         for cand in (root / "classes.txt", root / "obj.names", folder / "classes.txt"):
             if cand.is_file():
                 names = [ln.strip() for ln in cand.read_text(encoding="utf-8").splitlines() if ln.strip()]
@@ -702,7 +693,7 @@ def read_voc(
         if not filename:
             filename = xf.stem
         if not Path(filename).suffix:
-            with_ext = (filename + ext for ext in _IMAGE_EXTENSIONS if (root / (filename + ext)).is_file())
+            with_ext = (filename + ext for ext in IMAGE_EXTENSIONS if (root / (filename + ext)).is_file())
             filename = next(with_ext, filename + ".jpg")
         size = tree.find("size")
         try:

@@ -201,22 +201,12 @@ def _from_stats(stats: Any, path: str) -> Optional[DataFacts]:
 
 def infer_from_data(path: str | Path) -> DataFacts:
     """Facts about a labeled dataset, for the advisor's constraints."""
+    from sslrecipe.data.stats import dataset_stats  # numpy and Pillow: loaded only when --data is given
+
     path = str(path)
-    stats_fn = None
-    try:
-        from sslrecipe.data.stats import dataset_stats as stats_fn  # type: ignore[no-redef]
-    except ImportError:
-        stats_fn = None
-    facts: Optional[DataFacts] = None
-    if stats_fn is not None:
-        facts = _from_stats(stats_fn(path), path)
+    facts = _from_stats(dataset_stats(path), path)
     is_json = Path(path).suffix.lower() == ".json"
     if facts is None:
-        if not is_json and stats_fn is None:
-            raise DataError(
-                f"--data {path}: only COCO JSON annotation files can be read here "
-                "(other formats: convert with `sslrecipe data convert`, or give --shots/--object-size)"
-            )
         if not is_json:
             raise DataError(f"--data {path}: the dataset statistics gave no images/sizes for it")
         return coco_facts(path)

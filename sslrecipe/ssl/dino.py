@@ -1,6 +1,6 @@
 """DINO: self-distillation with no labels (Caron et al. 2021; facebookresearch/dino, ``main_dino.py``).
 
-Mapping to the official code (reference: ../shared/reference/ssl-methods.md §3):
+Mapping to the official code (docs/ssl.md, "DINO"):
 
 - :class:`DINOHead` = ``vision_transformer.DINOHead``: MLP ``in -> 2048 -> GELU -> 2048 -> GELU -> 256`` (optional
   BN, Linear biases always), trunc-normal(0.02) init, L2-normalise, then a weight-normalised

@@ -8,7 +8,7 @@ every (teacher view, other student view) pair), the teacher temperature warmup, 
 backbone pass per resolution), per-parameter gradient clipping to 3.0 and dropping the last layer's gradients
 during the first epoch (``freeze_last_layer = 1`` of 100 epochs), both applied in an optimizer step pre-hook.
 
-What this file adds for CNNs (reference: ../shared/reference/ssl-methods.md §3.1, README "ResNet-50 and other
+What this file adds for CNNs (docs/methods.md, "DINO (ResNet)"; DINO's README "ResNet-50 and other
 convnets trainings", ``main_dino.py L157-251``):
 
 - the README's ResNet-50 command ``--optimizer sgd --lr 0.03 --weight_decay 1e-4 --weight_decay_end 1e-4

@@ -1,8 +1,8 @@
 """Hybrid: SparK's masked reconstruction + CMAE-style instance discrimination, for CNNs. **The project's own design.**
 
 No official repository combines masked image modeling with instance discrimination for CNNs (CMAE, SiameseIM
-and iBOT are ViT-only; ../shared/reference/ssl-methods.md §6.7). The survey recommends the combination for
-frugal ResNet settings; this is our adaptation of CMAE (ZhichengHuang/CMAE, §6.5) to SparK's sparse CNN:
+and iBOT are ViT-only; docs/methods.md, "Hybrid"). The survey recommends the combination for
+frugal ResNet settings; this is our adaptation of CMAE (ZhichengHuang/CMAE) to SparK's sparse CNN:
 
 - **reconstruction branch** = :class:`sslrecipe.ssl.spark.SparK` unchanged (mask 0.6 on the stride-32 grid,
   sparse encoder, densify with mask tokens, light U-Net decoder, per-patch normalised pixel loss on masked

@@ -1,6 +1,6 @@
 """Leopart: dense fine-tuning of a (DINO) ViT (Ziegler & Asano 2022; MkuuWaUjinga/leopart, ``src/leopart.py``).
 
-Mapping to the official code (reference: ../shared/reference/ssl-methods.md §5):
+Mapping to the official code (docs/ssl.md, "Leopart"):
 
 - start: the student and teacher backbones both start from the same weights, which the pipeline loads into
   :meth:`Leopart.encoder` (``pretrain.init``: a DINO pre-training, a fetched DINO checkpoint or a file); the

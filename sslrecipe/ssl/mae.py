@@ -1,6 +1,6 @@
 """MAE: masked autoencoder pre-training of a timm ViT (He et al. 2022; facebookresearch/mae, ``models_mae.py``).
 
-Mapping to the official code (reference: ../shared/reference/ssl-methods.md §1):
+Mapping to the official code (docs/ssl.md, "MAE"):
 
 - encoder = the timm ViT itself (``patch_embed``, cls token, ``blocks``, ``norm``), its ``pos_embed`` replaced by
   the fixed 2-D sin-cos embedding (``requires_grad=False``, cls slot zero); the position embedding is added

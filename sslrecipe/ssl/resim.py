@@ -1,6 +1,6 @@
 """ReSim: region similarity representation learning (Xiao et al. 2021; Tete-Xiao/ReSim, the ReSim-FPN variant).
 
-Mapping to the official code (reference: ../shared/reference/ssl-methods.md §4; the repo implements ReSim-FPN only):
+Mapping to the official code (docs/methods.md, "ReSim"; the repo implements ReSim-FPN only):
 
 - **base = MoCo v2** (``moco/builder.py``): a query encoder and a momentum key encoder (initialised as a copy,
   ``requires_grad=False``, updated ``theta_k <- m theta_k + (1 - m) theta_q`` with a constant ``m = 0.999`` over all

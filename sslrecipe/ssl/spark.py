@@ -1,6 +1,6 @@
 """SparK: sparse masked modeling for CNNs (Tian et al., ICLR 2023; keyu-tian/SparK ``pretrain/``).
 
-Mapping to the official code (reference: ../shared/reference/ssl-methods.md §2; file:line at commit a63e386):
+Mapping to the official code (docs/methods.md, "SparK"; file:line at commit a63e386):
 
 - masking (``spark.py`` ``mask``): the mask lives on the encoder's stride-32 grid (224 px -> 7x7), per sample
   ``torch.rand(B, h*w).argsort(dim=1)[:, :len_keep]`` from torch's global RNG on the CPU, ``len_keep =
