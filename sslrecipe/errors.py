@@ -17,7 +17,3 @@ class DataError(SSLRecipeError):
 
 class StageError(SSLRecipeError):
     """A pipeline stage failed in a way that needs the user's attention (e.g. a non-finite loss)."""
-
-
-class NotYetAvailable(SSLRecipeError):
-    """A feature named in the schema or CLI that this version does not implement yet."""

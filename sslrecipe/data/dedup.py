@@ -295,22 +295,12 @@ def _verify_size(a: Image.Image, b: Image.Image, side: int = VERIFY_SIDE) -> Opt
 
 
 def _score(za: np.ndarray, zb: np.ndarray) -> float:
+    """How far apart two images are as pictures (0 = the same; copies <= :data:`VERIFY_MAX`), given both at the
+    smaller one's size (at most :data:`VERIFY_SIDE` px, see :func:`_verify_size`: None when the aspect ratios differ
+    by more than 3%, a crop and not a copy), blurred and standardised: the 99.9th percentile of their difference."""
     d = np.abs(za - zb).ravel()
     k = min(d.size - 1, int(round(0.999 * (d.size - 1))))
     return float(np.partition(d, k)[k])
-
-
-def copy_score(a: Image.Image, b: Image.Image) -> float:
-    """How far apart two images are as pictures (0 = the same; copies <= :data:`VERIFY_MAX`).
-
-    Both are brought to the smaller one's size (at most :data:`VERIFY_SIDE` px), blurred and
-    standardised; the score is the 99.9th percentile of their absolute difference. ``inf`` when
-    the aspect ratios differ by more than 3% (a crop, not a copy).
-    """
-    size = _verify_size(a, b)
-    if size is None:
-        return float("inf")
-    return _score(_standardised(a, size), _standardised(b, size))
 
 
 class _ImageCache:
@@ -365,7 +355,7 @@ def find_leakage(
     """Pool images that are copies of evaluation images: ``[Leak(pool_path, eval_path, distance, kind)]``.
 
     Pairs within ``threshold`` hash bits are candidates; with ``verify`` (default) each is checked
-    on pixels (:func:`copy_score`) so that distinct but similar frames are not reported. Sorted by
+    on pixels (:func:`_score`) so that distinct but similar frames are not reported. Sorted by
     pool path. Unreadable files are skipped (listed in ``errors`` when given).
     """
     pool = [Path(p) for p in pool_paths]

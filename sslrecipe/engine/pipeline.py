@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,9 +230,3 @@ def _last_event(events: EventLog, event: str, stage: Optional[str], **fields: An
             pass
 
 
-def read_done(stage_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(stage_dir) / DONE_NAME).read_text())
-
-
-def python_executable() -> str:
-    return sys.executable

@@ -374,19 +374,6 @@ class SparK(OptimizerControl, SSLMethod):
     def forward(self, x: torch.Tensor, active: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         return {"loss": self.forward_parts(x, active)["loss"]}
 
-    @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, active: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(masked input, reconstruction with the visible pixels pasted back, active map) for visualisation
-        (the official ``vis=True`` path: the prediction is de-normalised with each patch's own mean/std)."""
-        parts = self.forward_parts(x, active)
-        active = parts["active"]
-        inp = self.patchify(x)
-        mean = inp.mean(dim=-1, keepdim=True)
-        std = (inp.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
-        rec = self.unpatchify(self.patchify(parts["rec"]) * std + mean, parts["grid"])
-        hw = S.upsample_active(active, x.shape[2], x.shape[3])
-        return x * hw, torch.where(hw, x, rec), active
-
     def encoder(self) -> nn.Module:
         return self.backbone
 
