@@ -290,8 +290,8 @@ def test_monitor_follows_a_run_as_events_are_appended(tmp_path):
             await wait_for(pilot, lambda: monitor.watcher.status()[0] == "finished", what="run_end")
             await wait_for(pilot, lambda: monitor.query_one("#metrics").row_count == 2, what="the metrics table")
             table = monitor.query_one("#metrics")
-            assert [str(c) for c in table.get_row_at(0)] == ["mAP", "31.25"]
-            assert [str(c) for c in table.get_row_at(1)] == ["AP_small", "n/a"]
+            assert [str(c) for c in table.get_row_at(0)] == ["mAP", "31.2 %"]
+            assert [str(c) for c in table.get_row_at(1)] == ["AP_S", "n/a"]
             notes = monitor.query_one("#notes")
             assert "loss spike" in " ".join(line.text.strip() for line in notes.lines)
             pipeline = _plain(monitor.query_one("#pipeline").content)

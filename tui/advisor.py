@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
-from textual import on, work
+from textual import events, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
@@ -40,12 +41,81 @@ NUMBERS = (
     ("channels", "channels", "3 / from data"),
 )
 LEVEL_STYLE = {"high": "bold green", "medium": "bold yellow", "low": "bold red"}
+# the advisor's messages name `sslrecipe advise` flags; the form names its fields
+FLAG_FIELDS = {f"--{key.replace('_', '-')}": (key, label) for key, label, *_ in SELECTS + NUMBERS}
+FLAG_FIELDS["--data"] = ("data", "dataset")
+_FLAG = re.compile(r"(omit |drop )?(--[a-z][a-z-]*)")
+
+
+def field_message(message: str) -> tuple[str, Optional[str]]:
+    """An advisor error in the form's words: `--shots 0: ... (omit --shots for plenty)` ->
+    `labeled 0: ... (leave labeled empty for plenty)`; and the key of the first field it names."""
+    first: list[str] = []
+
+    def name(m: re.Match) -> str:
+        verb, flag = m.group(1), m.group(2)
+        if flag not in FLAG_FIELDS:
+            return m.group(0)
+        key, label = FLAG_FIELDS[flag]
+        first.append(key)
+        if verb == "omit ":
+            return f"leave {label} empty"
+        if verb == "drop ":
+            return f"set {label} back to its default"
+        return label
+
+    out = _FLAG.sub(name, message)
+    return out, (first[0] if first else None)
+
+
+class NumberInput(Input):
+    """A whole-number field that takes what people paste: `2,500`, ` 25 ` or `1 000` (a plain integer Input
+    refuses such a paste whole, silently)."""
+
+    def _on_paste(self, event: events.Paste) -> None:
+        line = (event.text.splitlines() or [""])[0] if event.text else ""
+        cleaned = re.sub(r"[\s,_']", "", line)
+        if cleaned != line and re.fullmatch(r"-?\d+", cleaned):
+            event.stop()
+            event.prevent_default()  # not Input's handler too: it would refuse the original text
+            if self.selection.is_empty:
+                self.insert_text_at_cursor(cleaned)
+            else:
+                self.replace(cleaned, *self.selection)
+        # else Input's own handler runs next (Textual calls each class's handler, base classes last)
 
 
 def _options(choices: tuple[str, ...], default: str) -> list[tuple[str, str]]:
     out = [(f"({default})", AUTO)]
     out += [(c, c) for c in choices if c != default]
     return out
+
+
+def ranked_table(advice: Advice, wide: bool) -> Table:
+    """The ranked options: the number that decided (the deciding column's value), confidence; with `wide`
+    also the weights and the licence (the cards below have them at 80 columns)."""
+    decided = advice.decided_by
+    table = Table(box=None, show_header=True, header_style="bold", padding=(0, 1, 0, 0), expand=False)
+    table.add_column("#", justify="right")
+    table.add_column("option", no_wrap=True)
+    if wide:
+        table.add_column("weights", overflow="fold")
+    table.add_column(decided.column if decided is not None else "value", justify="right", no_wrap=True)
+    table.add_column("confidence" if wide else "conf.", no_wrap=True)  # 80 columns: the # column keeps its room
+    if wide:
+        table.add_column("licence", overflow="fold")
+    for i, o in enumerate(advice.recommendations, 1):
+        v = o.decided.value if o.decided is not None else None
+        value = "-" if v is None else fmt(v.rows[0].value, v.rows[0].metric) + ("*" if v.borrowed else "")
+        cells: list[Any] = [str(i), Text(o.label, "bold cyan" if i == 1 else "")]
+        cells += [o.weights_label] if wide else []
+        cells += [value, Text(o.level, LEVEL_STYLE.get(o.level, ""))]
+        cells += [o.licence or "yours"] if wide else []
+        table.add_row(*cells)
+    b = advice.baseline
+    base = fmt(b.decided.value, b.decided.metric) if b.decided is not None else "-"
+    table.add_row("", b.label, *(["baseline to beat"] if wide else []), base, "", *([""] if wide else []), style="dim")
+    return table
 
 
 def option_renderable(rank: int, o: Option) -> Group:
@@ -59,8 +129,7 @@ def option_renderable(rank: int, o: Option) -> Group:
         ("method ", "dim"), (o.method, "bold"), ("  backbone ", "dim"), (o.backbone, "bold"),
         ("\n", ""), ("init ", "dim"), weights, ("  licence ", "dim"), o.licence or "yours",
     )
-    parts: list[Any] = [head]
-    parts += [Text.assemble(("note ", "bold"), d) for d in o.departures]  # why it outranks a more confident one
+    parts: list[Any] = [head]  # its departures (why it outranks a more confident one) are the head's notes
     if o.evidence:
         table = Table(box=None, show_header=True, header_style="dim", padding=(0, 1), expand=False)
         table.add_column("evidence")
@@ -101,15 +170,15 @@ class AdvisorScreen(Screen):
         with Horizontal(id="advisor"):
             with VerticalScroll(id="form"):
                 for key, label, choices, default in SELECTS:
-                    with Horizontal(classes="field"):
+                    with Horizontal(classes="field", id=f"f-{key}"):
                         yield Label(label, classes="field-label")
                         yield Select(_options(choices, default), value=AUTO, allow_blank=False, compact=True,
                                      id=f"c-{key}")
                 for key, label, placeholder in NUMBERS:
-                    with Horizontal(classes="field"):
+                    with Horizontal(classes="field", id=f"f-{key}"):
                         yield Label(label, classes="field-label")
-                        yield Input(placeholder=placeholder, type="integer", compact=True, id=f"c-{key}")
-                with Horizontal(classes="field"):
+                        yield NumberInput(placeholder=placeholder, type="integer", compact=True, id=f"c-{key}")
+                with Horizontal(classes="field", id="f-data"):
                     yield Label("dataset", classes="field-label")
                     yield Input(placeholder="train.json (Enter)", compact=True, id="c-data")
                 yield Static(
@@ -163,7 +232,7 @@ class AdvisorScreen(Screen):
 
     @on(Input.Submitted, "#c-data")
     def _data_submitted(self, event: Input.Submitted) -> None:
-        self._data = event.value.strip() or None
+        self._data = event.value.strip().strip("'\"") or None  # a path dragged from a file manager comes quoted
         self.recompute()
 
     @on(Button.Pressed, "#write")
@@ -197,9 +266,19 @@ class AdvisorScreen(Screen):
         self.computations += 1
         err = self.query_one("#advice-error", Static)
         err.display = error is not None
+        field = None
+        if error is not None:
+            error, field = field_message(error)
+        for row in self.query(".field"):
+            row.set_class(row.id == f"f-{field}", "invalid")
         if error is not None:
             self.error = error
             err.update(Text.assemble(("✗ ", "bold red"), error))
+            # the ranking shown was for the form before this change: not an answer to it
+            self.advice = None
+            self.query_one("#advice-head", Static).update(
+                Text("Fix the form to see the recommendations.", "dim"))
+            self.query_one("#advice-cards", Static).update("")
             if error != self._last_error_notified:
                 self.notify(error, title="advisor", severity="error", markup=False)
             self._last_error_notified = error
@@ -216,14 +295,22 @@ class AdvisorScreen(Screen):
             if value is None:
                 continue
             said.append(f"{key} {value}")
-        head = Text.assemble(("For ", "dim"), ", ".join(said), "\n", ("Evidence weighed: ", "dim"),
-                             ", ".join(f"Table {c.table} {c.column} ×{c.weight:g}" for c in advice.active))
+        # the answer first, as `sslrecipe advise` prints it: the ranked options with the number that decided,
+        # why the first leads, why any option outranks a more confident one; then what it was asked
+        head: list[Any] = [ranked_table(advice, wide=self.size.width >= 100)]
+        why = Text.assemble(("Why 1: ", "bold"), advice.headline)
+        for o in advice.recommendations:
+            for d in o.departures:
+                why.append("\nNote: ", "bold")
+                why.append(d)
+        head.append(why)
+        asked = Text.assemble(("For ", "dim"), ", ".join(said), "\n", ("Evidence weighed: ", "dim"),
+                              ", ".join(f"Table {c.table} {c.column} ×{c.weight:g}" for c in advice.active))
         if r.data_facts is not None:
-            head.append("\nData: ", "dim")
-            head.append(r.data_facts.summary())
-        head.append("\nWhy 1: ", "bold")
-        head.append(advice.headline)
-        self.query_one("#advice-head", Static).update(head)
+            asked.append("\nData: ", "dim")
+            asked.append(r.data_facts.summary())
+        head.append(asked)
+        self.query_one("#advice-head", Static).update(Group(*head))
         cards = []
         for i, o in enumerate(advice.recommendations, 1):
             cards.append(Text.assemble((f"{i}. {o.label}", "bold cyan" if i == 1 else "bold"), "   confidence ",
@@ -251,9 +338,9 @@ class AdvisorScreen(Screen):
         self.app.push_screen(WriteRecipeDialog(self.advice), self._written)
 
     @guarded
-    def _written(self, result: Optional[tuple[str, bool]]) -> None:
+    def _written(self, result: Optional[tuple[str, bool, list[str]]]) -> None:
         if result is None:
             return
-        path, launch = result
+        path, launch, overrides = result
         if launch:
-            self.app.launch_recipe(path)
+            self.app.launch_recipe(path, overrides)

@@ -91,21 +91,23 @@ class SSLRecipeApp(App):
         self.push_screen(LaunchDialog(Path.cwd(), suggestion), self._launch_chosen)
 
     @guarded
-    def _launch_chosen(self, path: Optional[str]) -> None:
-        if path:
-            self.launch_recipe(path)
+    def _launch_chosen(self, chosen: Optional[tuple[str, list[str]]]) -> None:
+        if chosen:
+            self.launch_recipe(*chosen)
 
     # ------------------------------------------------------------------ runs
 
-    def launch_recipe(self, path: str | Path) -> None:
-        """Validate and start a recipe in a worker thread (loading the engine takes seconds)."""
-        self.notify(f"starting {path}…", title="launch", markup=False, timeout=3)
-        self._launch(str(path))
+    def launch_recipe(self, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> None:
+        """Validate and start a recipe (with `--set` overrides) in a worker thread (loading the engine takes
+        seconds)."""
+        shown = " ".join(["--set " + o for o in overrides])
+        self.notify(f"starting {path}{' ' + shown if shown else ''}…", title="launch", markup=False, timeout=3)
+        self._launch(str(path), list(overrides))
 
     @work(thread=True, group="launch", exit_on_error=False)
-    def _launch(self, path: str) -> None:
+    def _launch(self, path: str, overrides: list[str]) -> None:
         try:
-            launched = control.launch(path, self.runs_dir, env=self._env())
+            launched = control.launch(path, self.runs_dir, env=self._env(), overrides=overrides)
         except Exception as e:  # noqa: BLE001 - a bad recipe is a notification, not a crash
             self._from_thread(notify_error, self, e, "launch")
             return

@@ -92,16 +92,20 @@ class CompareScreen(Screen):
         replicated = any(r.replicates > 1 for r in table.rows)
         widget = self.query_one("#compare-table", DataTable)
         widget.clear(columns=True)
+        # what sets the runs apart first (the recipe keys that differ), then their metrics: at 80 columns the
+        # metrics scroll off to the right, the differences do not
         widget.add_column("run" if self.layout_name == "flat" else "method · backbone", key="row")
+        for c in keys:
+            widget.add_column(c.label, key=c.key)
         for c in metrics:
             widget.add_column(c.label, key=c.key)
         if replicated:
             widget.add_column("seeds", key="seeds")
         widget.add_column("status", key="status")
-        for c in keys:
-            widget.add_column(c.label, key=c.key)
         for i, r in enumerate(table.rows):
             cells: list = [Text(r.label, "bold")]
+            cells += [Text(format_value(r.keys.get(c.label)) if r.keys.get(c.label) is not None else "—",
+                           "cyan" if r.keys.get(c.label) is not None else "dim") for c in keys]
             for c in metrics:
                 v = r.values[c.key]
                 cell = Text(v.text(), "dim" if v.mean is None else "", justify="right")
@@ -113,7 +117,6 @@ class CompareScreen(Screen):
             word, _, count = r.status.partition(" ")  # e.g. "failed (1/3)"
             cells.append(Text.assemble(status_text(word), (f" {count}" if count else "", "dim")) if word != "finished"
                          else Text("finished", "dim"))
-            cells += [Text(format_value(r.keys.get(c.label)), "cyan") for c in keys]
             widget.add_row(*cells, key=f"{i}:{r.label}", height=None)
         head = Text.assemble((table.title + "\n", "bold"), (" ".join(n.replace("**", "") for n in table.notes), "dim"))
         self.query_one("#compare-head", Static).update(head)

@@ -9,12 +9,13 @@ boundary; resuming runs `sslrecipe run RUN` again, which continues from that che
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 from sslrecipe.errors import SSLRecipeError
 
@@ -32,11 +33,27 @@ class Launched:
         return self.process.pid
 
 
-def run_command(target: Path, run_dir: Optional[Path] = None) -> list[str]:
+def run_command(target: Path, run_dir: Optional[Path] = None, overrides: Iterable[str] = ()) -> list[str]:
     cmd = [sys.executable, "-m", "sslrecipe.cli", "run", str(target)]
     if run_dir is not None:
         cmd += ["--run-dir", str(run_dir)]
+    for o in overrides:
+        cmd += ["--set", o]
     return cmd + ["--progress", "plain"]
+
+
+def split_overrides(text: str) -> list[str]:
+    """`finetune.steps=30 seed=1` (quotes as in a shell) -> ["finetune.steps=30", "seed=1"], each checked as
+    `--set` checks it; the message names the form's `--set` field."""
+    from sslrecipe.recipe.loader import parse_override
+
+    try:
+        items = shlex.split(text)
+    except ValueError as e:
+        raise SSLRecipeError(f"--set overrides: {e} in {text!r}") from None
+    for item in items:
+        parse_override(item)  # RecipeError: `--set ITEM: expected KEY=VALUE ...`
+    return items
 
 
 def _start(cmd: list[str], run_dir: Path, env: Optional[dict[str, str]] = None) -> subprocess.Popen:
@@ -64,8 +81,10 @@ def _unique(path: Path) -> Path:
     raise SSLRecipeError(f"too many run directories named {path.name}-N")
 
 
-def launch(recipe_path: str | Path, runs_root: str | Path, env: Optional[dict[str, str]] = None) -> Launched:
-    """Validate a recipe, then run it in the background in a new `RUNS/<name>-<timestamp>` directory."""
+def launch(recipe_path: str | Path, runs_root: str | Path, env: Optional[dict[str, str]] = None,
+           overrides: Iterable[str] = ()) -> Launched:
+    """Validate a recipe (with its `--set` overrides), then run it in the background in a new
+    `RUNS/<name>-<timestamp>` directory."""
     path = Path(str(recipe_path).strip()).expanduser()
     if not str(recipe_path).strip():
         raise SSLRecipeError("choose a recipe file to launch")
@@ -76,9 +95,10 @@ def launch(recipe_path: str | Path, runs_root: str | Path, env: Optional[dict[st
     from sslrecipe.engine.rundir import default_run_dir
     from sslrecipe.recipe import load_recipe
 
-    recipe = load_recipe(path)  # a RecipeError names the file, line and key
+    overrides = list(overrides)
+    recipe = load_recipe(path, overrides)  # a RecipeError names the file, line and key
     run_dir = _unique(default_run_dir(recipe, Path(runs_root)))
-    process = _start(run_command(path, run_dir), run_dir, env)
+    process = _start(run_command(path, run_dir, overrides), run_dir, env)
     return Launched(run_dir, process, recipe.matrix is not None)
 
 

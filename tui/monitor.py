@@ -17,8 +17,8 @@ from textual.widgets import DataTable, Footer, Header, ProgressBar, RichLog, Sta
 
 from sslrecipe.tui.common import error_message, guarded, size_classes, status_text
 from sslrecipe.tui.runs import (
-    LOG_NAME, RUNNING, RunWatcher, TextTail, describe_event, format_seconds, format_value, metric_label,
-    ordered_metrics,
+    LOG_NAME, RUNNING, Note, RunWatcher, TextTail, describe_event, evaluation_metrics, format_metric, format_seconds,
+    metric_label,
 )
 from sslrecipe.tui.widgets import LossPlot, StagePipeline
 
@@ -44,7 +44,7 @@ class MonitorScreen(Screen):
         self.log_tail = TextTail(self.path / LOG_NAME)
         self.curve_stage: Optional[str] = None  # None: follow the stage that is training
         self._lock = threading.Lock()
-        self._notes_shown = 0
+        self._notes_shown: Optional[tuple[list[Note], int]] = None
         self._metrics_shown: Optional[list] = None
         self._curve_key: Any = None
         self._log_source: Optional[str] = None
@@ -133,9 +133,10 @@ class MonitorScreen(Screen):
             "curve": curve, "loss": s.loss[curve].points() if curve in s.loss else ([], []),
             "lr": s.lr[curve].points() if curve in s.lr else ([], []),
             "curve_stages": list(s.loss),
-            "metrics": [(k, v) for k, v in ordered_metrics(w.metrics) if not isinstance(v, dict)],
-            "split": w.metrics.get("data/split"), "notes": list(s.notes),
-            "started": s.attempt_started, "seconds": s.seconds, "pid": s.pid or w.launched_pid, "attempts": s.attempts,
+            "metrics": evaluation_metrics(w.metrics),
+            "split": w.metrics.get("data/split"), "notes": s.open_notes(),
+            "started": s.attempt_started, "seconds": s.total_seconds(time.time() if status == "running" else None),
+            "pid": s.pid or w.launched_pid, "attempts": s.attempts,
         }
 
     # ------------------------------------------------------------------ showing (UI thread)
@@ -160,10 +161,10 @@ class MonitorScreen(Screen):
 
     def _show_head(self, snap: dict[str, Any]) -> None:
         text = Text.assemble((self.label, "bold"), "  ", status_text(snap["status"]))
-        if snap["status"] == "running" and snap["started"] is not None:
-            text.append(f"  {format_seconds(time.time() - snap['started'])}", "dim")
-        elif snap["seconds"] is not None:
+        if snap["seconds"] is not None:  # the whole run: every attempt's time together
             text.append(f"  {format_seconds(snap['seconds'])}", "dim")
+        if snap["attempts"] > 1:
+            text.append(f" in {snap['attempts']} attempts", "dim")
         if snap["status"] not in ("running", "finished"):
             text.append(f"  {snap['detail']}", "dim")
         recipe = snap["recipe"]
@@ -173,8 +174,6 @@ class MonitorScreen(Screen):
         if isinstance(split, dict) and split:
             text.append("   images " + "/".join(str(v) for v in split.values()), "dim")
             text.append(" (" + "/".join(str(k) for k in split) + ")", "dim")
-        if snap["attempts"] > 1:
-            text.append(f"   attempt {snap['attempts']}", "dim")
         self.query_one("#mon-head", Static).update(text)
 
     def _show_progress(self, snap: dict[str, Any]) -> None:
@@ -229,34 +228,40 @@ class MonitorScreen(Screen):
         if not metrics:
             table.add_column(Text("not evaluated yet", "dim"), key="metric")
             return
-        # a fixed-width value column, so long metric names are cropped rather than the numbers
+        # a fixed-width value column, so a long metric name is cropped rather than a number
         label_width = max(8, min(max(len(metric_label(n)) for n, _ in metrics),
                                  table.size.width - 2 - 7 - 4 - (2 if len(metrics) > 8 else 0)))
         table.add_column("metric", key="metric", width=label_width)
         table.add_column("value", key="value", width=7)
         for name, value in metrics:
-            shown = Text(format_value(value), "bold" if name == "bbox/mAP" else "", justify="right")
+            shown = Text(format_metric(name, value), "bold" if name == "bbox/mAP" else "", justify="right")
             if value is None:
                 shown.stylize("dim")
             table.add_row(metric_label(name), shown)
         table.border_subtitle = f"{len(metrics)}" if len(metrics) > 8 else ""
 
-    def _show_notes(self, notes: list) -> None:
-        log = self.query_one("#notes", RichLog)
-        if self._notes_shown == 0 and not notes:
-            if not log.lines:
-                log.write(Text("none", "dim"))
+    def _show_notes(self, open_notes: tuple[list[Note], int]) -> None:
+        """The open warnings and errors; those of earlier attempts go once resolved (`RunState.open_notes`)."""
+        if open_notes == self._notes_shown:
             return
-        if self._notes_shown == 0 and notes:
+        log = self.query_one("#notes", RichLog)
+        notes, resolved = open_notes
+        before = self._notes_shown
+        if before is not None and before[1] == resolved and notes[:len(before[0])] == before[0] and before[0]:
+            new = notes[len(before[0]):]  # only appended: keep the scroll position
+        else:
             log.clear()
-        for note in notes[self._notes_shown:]:
+            new = notes
+            if resolved:
+                log.write(Text(f"{resolved} resolved (earlier attempts)", "dim"))
+            if not notes:
+                log.write(Text("none", "dim"))
+        for note in new:
             style = "bold red" if note.kind == "error" else "yellow"
             log.write(Text.assemble((f"{note.kind} ", style), (f"[{note.stage or 'run'}] ", "dim"), note.message))
-        self._notes_shown = len(notes)
-        errors = sum(n.kind == "error" for n in notes)
+        self._notes_shown = (list(notes), resolved)
         log.border_title = f"warnings & errors ({len(notes)})" if notes else "warnings & errors"
-        if errors:
-            log.add_class("has-errors")
+        log.set_class(any(n.kind == "error" for n in notes), "has-errors")
 
     # ------------------------------------------------------------------ actions
 

@@ -31,8 +31,11 @@ PENDING, RUNNING, CACHED, DONE, FAILED, INTERRUPTED = "pending", "running", "cac
 # run statuses
 STATUSES = ("running", "starting", "finished", "failed", "interrupted", "new")
 
-METRIC_ORDER = ("bbox/mAP", "bbox/AP50", "bbox/AP75", "bbox/AP_small", "bbox/AP_medium", "bbox/AP_large", "bbox/AR100")
 KEY_METRIC = "bbox/mAP"
+# the evaluation metrics a user reads first (COCO's and the survey's small-object ones), then the other evaluation
+# metrics by family; internal counters (data/*, finetune/*, ...) are not evaluation metrics and are not shown
+HEADLINE_METRICS = ("bbox/mAP", "bbox/AP50", "bbox/AP_small", "agnostic/AP_small@0.3", "agnostic/AP@0.05", "F1")
+EVALUATION_FAMILIES = ("bbox/", "agnostic/", "F1", "precision", "recall", "segm/", "tiled/", "per_class/")
 
 
 # --------------------------------------------------------------------------- processes
@@ -229,6 +232,7 @@ class Note:
     stage: Optional[str]
     message: str
     ts: float
+    attempt: int = 1  # the run_start it came after
 
 
 @dataclass
@@ -300,7 +304,35 @@ class RunState:
         self.loss: dict[str, Series] = {}
         self.lr: dict[str, Series] = {}
         self.errors_this_attempt = 0
+        self.earlier_seconds = 0.0  # the attempts before the latest one, together
         self.events = 0
+
+    def total_seconds(self, now: Optional[float] = None) -> Optional[float]:
+        """The whole run's duration over all its attempts (the latest one until now while it runs)."""
+        if self.seconds is not None and isinstance(self.seconds, (int, float)):
+            latest = float(self.seconds)
+        elif self.attempt_started is not None and self.end_status is None and now is not None:
+            latest = max(0.0, now - self.attempt_started)
+        elif self.attempts > 1:
+            latest = 0.0
+        else:
+            return None
+        return self.earlier_seconds + latest
+
+    def open_notes(self) -> tuple[list[Note], int]:
+        """(the warnings and errors still open, how many of earlier attempts were resolved). A note of an
+        earlier attempt is resolved once a later attempt finished the run, or finished (or found cached) the
+        stage it was about; the latest attempt's notes stay."""
+        shown, resolved = [], 0
+        for n in self.notes:
+            if n.attempt < self.attempts and (
+                self.end_status == "finished"
+                or (n.stage is not None and n.stage in self.stages and self.stages[n.stage].state in (DONE, CACHED))
+            ):
+                resolved += 1
+            else:
+                shown.append(n)
+        return shown, resolved
 
     def stage(self, name: str) -> StageInfo:
         if name not in self.stages:
@@ -311,9 +343,15 @@ class RunState:
         self.events += 1
         kind, stage = e.get("event"), e.get("stage")
         ts = e.get("ts") if isinstance(e.get("ts"), (int, float)) else None
+        previous_ts = self.last_ts
         if ts is not None:
             self.last_ts = ts
         if kind == "run_start":
+            if self.attempts:  # the attempt before: its run_end's seconds, or (killed) until its last event
+                if isinstance(self.seconds, (int, float)):
+                    self.earlier_seconds += self.seconds
+                elif self.attempt_started is not None and previous_ts is not None:
+                    self.earlier_seconds += max(0.0, previous_ts - self.attempt_started)
             self.attempts += 1
             self.pid = e.get("pid") if isinstance(e.get("pid"), int) else None
             self.name = e.get("name") or self.name
@@ -358,7 +396,7 @@ class RunState:
             if isinstance(name, str):
                 self.metrics[name] = e.get("value")
         elif kind in ("warning", "error"):
-            self.notes.append(Note(kind, stage, str(e.get("message", "")), ts or 0.0))
+            self.notes.append(Note(kind, stage, str(e.get("message", "")), ts or 0.0, max(1, self.attempts)))
             if kind == "error":
                 self.errors_this_attempt += 1
                 if stage:
@@ -539,9 +577,7 @@ class RunWatcher:
         metric = self.metrics.get(KEY_METRIC)
         recent = [n for n in s.notes if s.attempt_started is None or n.ts >= s.attempt_started]
         note = recent[-1] if recent else None
-        seconds = s.seconds
-        if seconds is None and s.attempt_started is not None and status == "running":
-            seconds = time.time() - s.attempt_started
+        seconds = s.total_seconds(time.time() if status == "running" else None)
         return RunSummary(
             path=self.path, label=self.label, recipe=self.recipe, status=status, detail=detail, stage=stage,
             step=step, total=total, loss=loss if isinstance(loss, (int, float)) else None,
@@ -693,29 +729,51 @@ def format_seconds(seconds: Any) -> str:
 
 
 def metric_label(name: str) -> str:
-    """`bbox/AP50` -> `AP50`, `per_class/person/AP` -> `person AP`; other names as they are."""
-    if name.startswith("bbox/"):
-        return name[5:]
+    """The compare table's names (`bbox/AP_small` -> `AP_S`, `agnostic/AP_small@0.3` -> `AP_S@0.3 (no cls)`),
+    `per_class/person/AP` -> `person AP`, `tiled/bbox/mAP` -> `tiled mAP`; other names as they are."""
+    from sslrecipe.report.compare import METRIC_LABELS
+
+    if name.startswith("tiled/"):
+        return "tiled " + metric_label(name[6:])
+    if name in METRIC_LABELS:
+        return METRIC_LABELS[name]
+    if name.startswith(("bbox/", "segm/")):
+        return name[5:] if name.startswith("bbox/") else "mask " + name[5:]
     if name.startswith("per_class/"):
         return name[10:].replace("/", " ")
     return name
 
 
+def metric_unit(name: str) -> str:
+    """AP, AR, F1, precision and recall are in percent; a score threshold is a score."""
+    return "" if name.endswith("threshold") else "%"
+
+
+def is_evaluation_metric(name: str) -> bool:
+    return name.startswith(EVALUATION_FAMILIES)
+
+
 def _metric_rank(name: str) -> tuple:
-    if name in METRIC_ORDER:
-        return (0, METRIC_ORDER.index(name), name)
-    for rank, prefix in enumerate(("bbox/", "agnostic/", "F1", "precision", "recall", "per_class/"), 1):
-        if name.startswith(prefix):
-            return (rank, 0, name)
-    return (9, 0, name)
+    if name in HEADLINE_METRICS:
+        return (0, HEADLINE_METRICS.index(name), "")
+    family = next(i for i, f in enumerate(EVALUATION_FAMILIES) if name.startswith(f))
+    return (1 + family, int(name.endswith("threshold")), name)
 
 
-def ordered_metrics(metrics: dict[str, Any]) -> list[tuple[str, Any]]:
-    """Box metrics in the survey's order first, then class-agnostic, F1 / precision / recall, per class,
-    the rest; dict-valued ones (the data split) last."""
-    names = sorted((k for k in metrics if not isinstance(metrics[k], dict)), key=_metric_rank)
-    names += sorted(k for k in metrics if isinstance(metrics[k], dict))
-    return [(n, metrics[n]) for n in names]
+def evaluation_metrics(metrics: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The evaluation metrics of a run (what `evaluate` measured), the headline ones first: mAP, AP50, AP_S,
+    the survey's class-agnostic AP_S@0.3 and AP@0.05, F1; then the rest by family. Counters other stages log
+    (`finetune/pretrained_fpn_tensors`, `data/split`, ...) are left out."""
+    names = [k for k, v in metrics.items() if is_evaluation_metric(k) and not isinstance(v, (dict, list))]
+    return [(n, metrics[n]) for n in sorted(names, key=_metric_rank)]
+
+
+def format_metric(name: str, value: Any) -> str:
+    """`31.2 %`; `n/a` where undefined (an empty size bucket)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        unit = metric_unit(name)
+        return f"{value:.1f} %" if unit == "%" else f"{value:.2f}"
+    return format_value(value)
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -730,21 +788,8 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def differing_keys(recipes: Iterable[Optional[RecipeSummary]], skip: tuple[str, ...] = ("name",)) -> list[str]:
-    """Recipe keys whose values differ between the runs (what a comparison is about): keys every recipe
-    has first, then keys only some have (recipes resolved by another version of the schema)."""
-    flats = [flatten(r.data) if r else {} for r in recipes]
-    if len(flats) < 2:
-        return []
-    keys: list[str] = []
-    for f in flats:
-        for k in f:
-            if k not in keys:
-                keys.append(k)
-    common, partial = [], []
-    for k in keys:
-        if k in skip or k.startswith(("matrix.", "runtime.")):
-            continue
-        values = {json.dumps(f.get(k), sort_keys=True, default=str) for f in flats}
-        if len(values) > 1:
-            (common if all(k in f for f in flats) else partial).append(k)
-    return common + partial
+    """Recipe keys whose values differ between the runs that read them: the comparison's rule
+    (`sslrecipe.report.compare.differing_keys`: a scratch run's pre-training keys are no difference)."""
+    from sslrecipe.report.compare import differing_keys as shared
+
+    return shared([flatten(r.data) if r else {} for r in recipes], ignore=skip)

@@ -14,11 +14,28 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
 from sslrecipe.tui.common import bar_text, error_message, guarded, started_text, status_text
-from sslrecipe.tui.runs import RunSummary, format_seconds, format_value
+from sslrecipe.tui.runs import RunSummary, format_seconds
 
-# the key columns first, so that they fit 80 columns; recipe and start time scroll off to the right
-COLUMNS = (("mark", " "), ("run", "run"), ("status", "status"), ("stage", "stage · progress"),
-           ("metric", "mAP / loss"), ("recipe", "recipe"), ("started", "started"))
+# what a glance needs first (status, metric), then the name cut to fit 80 columns; the recipe summary is in the
+# detail pane below the table (its column, and the start time, scroll off to the right at 80 columns)
+COLUMNS = (("mark", " "), ("status", "status"), ("metric", "mAP % / loss"), ("run", "run"),
+           ("stage", "stage · progress"), ("recipe", "recipe"), ("started", "started"))
+
+
+def cut_middle(text: str, width: int) -> str:
+    """`advised-res…-20260105-120000`: a long run name keeps its start (what) and its end (up to 16 characters:
+    the timestamp the run directory ends with, or a matrix cell)."""
+    if len(text) <= width:
+        return text
+    if width < 2:
+        return text[:width]
+    tail = max((width - 1) // 2, min(16, width - 1 - 8))
+    return text[:width - 1 - tail] + "…" + text[len(text) - tail:]
+
+
+def name_width(screen_width: int) -> int:
+    """Room for the run name: 28 characters at 80 columns (beside status, metric and stage), up to 60."""
+    return max(16, min(60, screen_width - 52))
 
 
 class RunsTable(DataTable):
@@ -61,6 +78,10 @@ class RunsScreen(Screen):
 
     def on_screen_resume(self) -> None:
         self.refresh_runs()
+
+    def on_resize(self) -> None:
+        if self.rows:
+            self._fill_table()  # the names are cut to the new width
 
     # ------------------------------------------------------------------ polling
 
@@ -125,13 +146,13 @@ class RunsScreen(Screen):
                 stage.append(" ")
                 stage.append_text(bar_text(r.fraction, 5))
         if r.metric is not None:
-            metric = Text(f"mAP {r.metric:.1f}", "bold")
+            metric = Text(f"mAP {r.metric:.1f}", "bold")  # COCO AP in percent, as the header says
         elif r.loss is not None:
             metric = Text(f"loss {r.loss:.3f}")
         else:
             metric = Text("—", "dim")
-        return (mark, Text(r.label, "bold"), status_text(r.status), stage, metric, recipe,
-                Text(started_text(r.started), "dim"))
+        name = Text(cut_middle(r.label, name_width(self.size.width or 80)), "bold")
+        return (mark, status_text(r.status), metric, name, stage, recipe, Text(started_text(r.started), "dim"))
 
     def _fill_table(self) -> None:
         table = self.query_one(RunsTable)
@@ -171,22 +192,23 @@ class RunsScreen(Screen):
         detail.display = r is not None
         if r is None:
             return
-        text = Text.assemble((r.label, "bold"), "  ", status_text(r.status))
+        # line 1: what the run is (the recipe summary, which the table's 80 columns leave out); line 2: where and when
+        text = Text.assemble(status_text(r.status), "  ", (r.recipe.short() if r.recipe else "no recipe yet", "cyan"))
         if r.detail != r.status:
             text.append(f"  {r.detail}", "dim")
-        if r.started is not None:
-            text.append(time.strftime("  ·  started %Y-%m-%d %H:%M", time.localtime(r.started)), "dim")
         text.append("\n")
         text.append(str(r.path), "dim")
         if r.seconds is not None:
             text.append(f"  ·  {format_seconds(r.seconds)}", "dim")
+        if r.started is not None:
+            text.append(time.strftime("  ·  started %Y-%m-%d %H:%M", time.localtime(r.started)), "dim")
         if r.recipe is not None and r.recipe.name:
             text.append(f"  ·  recipe {r.recipe.name}", "dim")
         if r.last_note is not None:
             style = "red" if r.last_note.kind == "error" else "yellow"
             text.append(f"\n{r.last_note.kind}: {r.last_note.message}", style)
         elif r.metric is not None:
-            text.append(f"\nmAP {format_value(r.metric)}", "bold")
+            text.append(f"\nmAP {r.metric:.1f} %", "bold")
         detail.update(text)
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:

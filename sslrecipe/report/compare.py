@@ -261,8 +261,31 @@ def _explained(key: str, facets: Iterable[str]) -> bool:
     return False
 
 
+# keys read only for one weights source: a scratch run's resolved pretrain.* (defaults) is not a difference
+_SOURCE_KEYS = (("pretrain.", "pretrain"), ("data.unlabeled", "pretrain"), ("data.dedup", "pretrain"),
+                ("data.allow_leakage", "pretrain"), ("weights.id", "fetch"), ("weights.path", "file"),
+                ("weights.sha256", ("fetch", "file")), ("weights.format", ("fetch", "file")))
+
+
+def applies(key: str, flat: dict[str, Any]) -> bool:
+    """Whether a run reads this recipe key: pre-training keys only with `weights.source: pretrain` (and only the
+    options of its own method), `weights.id` only when fetching, `weights.path` only from a file."""
+    source = flat.get("weights.source", "scratch")
+    for prefix, sources in _SOURCE_KEYS:
+        if key == prefix or key.startswith(prefix if prefix.endswith(".") else prefix + "."):
+            if source not in ((sources,) if isinstance(sources, str) else sources):
+                return False
+    for section in ("pretrain.", "pretrain.first."):
+        if key.startswith(section + "options."):
+            method = key[len(section + "options."):].split(".", 1)[0]
+            if method != flat.get(section + "method"):
+                return False
+    return True
+
+
 def differing_keys(flats: list[dict[str, Any]], ignore: Iterable[str] = ()) -> list[str]:
-    """Recipe keys whose values differ between runs: keys all of them have first, then keys only some have."""
+    """Recipe keys whose values differ between the runs that read them (`applies`): keys all of them have first,
+    then keys only some have."""
     if len(flats) < 2:
         return []
     ignore = set(ignore)
@@ -273,8 +296,9 @@ def differing_keys(flats: list[dict[str, Any]], ignore: Iterable[str] = ()) -> l
     for k in keys:
         if k in ignore or k in _SKIPPED or k.startswith(_SKIPPED_PREFIXES):
             continue
-        if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flats}) > 1:
-            (common if all(k in f for f in flats) else partial).append(k)
+        using = [f for f in flats if applies(k, f)]
+        if len(using) > 1 and len({json.dumps(f.get(k), sort_keys=True, default=str) for f in using}) > 1:
+            (common if all(k in f for f in using) else partial).append(k)
     return common + partial
 
 
@@ -512,7 +536,8 @@ def _flat(records: list[RunRecord], metrics: Optional[list[str]], matrix: Option
         by_path = {id(r): f for r, f in zip(records, flats)}
 
         def keys_of(r: RunRecord) -> dict[str, Any]:
-            return {k: by_path[id(r)].get(k) for k in key_names}
+            flat = by_path[id(r)]
+            return {k: flat.get(k) if applies(k, flat) else None for k in key_names}  # —: not read
 
         grouped = _group_rows(records, keys_of)
         if any(len(m) > 1 for _, m in grouped):
