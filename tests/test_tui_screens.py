@@ -47,30 +47,36 @@ def test_middle_cut_keeps_start_and_end():
     from sslrecipe.tui.runs_screen import cut_middle
 
     assert cut_middle("short", 10) == "short"
-    cut = cut_middle(LONG, 28)
-    assert cut == "advised-res…-20260105-120000"
+    cut = cut_middle(LONG, 24)
+    assert cut == "advised-…20260105-120000"
     assert cut_middle("study-20250101-000000/advised-dino", 16) == "study-20…ed-dino"
 
 
 @pytest.mark.parametrize("size", SIZES)
 def test_run_list_shows_status_and_metric_before_a_cut_name_and_the_recipe(tmp_path, size):
-    make_run(tmp_path, LONG, metrics={"bbox/mAP": 12.5}, weights="pretrain")
+    make_run(tmp_path, LONG, metrics={"bbox/mAP": 12.5}, weights="pretrain", age=120)
     _recipe(tmp_path / LONG, pretrain={"method": "resim"})
+    make_run(tmp_path, "quickstart-20261205-203000", status="running", pid=os.getpid(), age=5)
+    make_run(tmp_path, "stopped", status="interrupted", age=300)  # the widest status
 
     async def scenario():
         app = _app(tmp_path)
         async with app.run_test(size=size) as pilot:
-            await wait_for(pilot, lambda: len(app.screen.rows) == 1, what="the run")
+            await wait_for(pilot, lambda: len(app.screen.rows) == 3, what="the runs")
+            await pilot.press("down")  # the long-named run: its recipe below the table
             await pilot.pause(0.2)
             lines = screen_lines(app)
         assert_fits(lines, size)
         row = next(line for line in lines if "finished" in line and "mAP" in line)
-        assert row.index("finished") < row.index("mAP 12.5") < row.index("advised-res")
+        assert row.index("finished") < row.index("mAP 12.5") < row.index("advised")
         if size[0] == 80:  # cut in the middle: what it is and when it ran both stay
             assert "…" in row and "20260105-120000" in row and LONG not in row
         else:
             assert LONG in row
         assert any("resnet18 · resim pre-train" in line for line in lines), "the recipe summary is not visible"
+        running = next(line for line in lines if "running" in line and "loss" in line)
+        assert running.index("running") < running.index("loss 1.400") < running.index("quicksta")
+        assert "finetune" in running and "50%" in running  # the stage's progress is in view too
 
     asyncio.run(scenario())
 

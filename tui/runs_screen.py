@@ -18,7 +18,7 @@ from sslrecipe.tui.runs import RunSummary, format_seconds
 
 # what a glance needs first (status, metric), then the name cut to fit 80 columns; the recipe summary is in the
 # detail pane below the table (its column, and the start time, scroll off to the right at 80 columns)
-COLUMNS = (("mark", " "), ("status", "status"), ("metric", "mAP % / loss"), ("run", "run"),
+COLUMNS = (("mark", " "), ("status", "status"), ("metric", "mAP%/loss"), ("run", "run"),
            ("stage", "stage · progress"), ("recipe", "recipe"), ("started", "started"))
 
 
@@ -34,8 +34,9 @@ def cut_middle(text: str, width: int) -> str:
 
 
 def name_width(screen_width: int) -> int:
-    """Room for the run name: 28 characters at 80 columns (beside status, metric and stage), up to 60."""
-    return max(16, min(60, screen_width - 52))
+    """Room for the run name: 24 characters at 80 columns (beside status, metric and a stage's progress bar),
+    up to 60."""
+    return max(16, min(60, screen_width - 56))
 
 
 class RunsTable(DataTable):
