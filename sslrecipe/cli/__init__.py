@@ -65,9 +65,10 @@ SHORT_HELP = {
     "run": "data -> [pre-train] -> weights -> fine-tune -> evaluate -> report",
     "validate": "check a recipe and print it fully resolved",
     "data": "synthetic IR data, dataset conversion, checks and statistics",
-    "weights": "public SSL checkpoints: list, fetch, convert, cache",
+    "weights": "public SSL checkpoints: fetch, convert, cache; encoder export",
     "eval": "COCO evaluation with small-object metrics",
     "predict": "a fine-tuned detector on new images, folders and videos",
+    "export": "a fine-tuned detector as ONNX / .pt2 (encoders: `weights export`)",
     "compare": "runs side by side, laid out like the survey's tables",
     "runs": "run directories: remove stages the latest recipe no longer uses",
     "tui": "terminal app: advisor, run monitor, launcher",
@@ -76,7 +77,7 @@ SHORT_HELP = {
 
 def _register() -> None:
     from sslrecipe.cli import advise, compare, data, evaluate, run, runs, tui, weights
-    from sslrecipe.cli import predict as predict_cli
+    from sslrecipe.cli import export as export_cli, predict as predict_cli
 
     main.add_command(advise.advise)
     main.add_command(run.run)
@@ -85,6 +86,7 @@ def _register() -> None:
     main.add_command(weights.weights)
     main.add_command(evaluate.eval_cmd)
     main.add_command(predict_cli.predict)
+    main.add_command(export_cli.export_cmd)
     main.add_command(compare.compare)
     main.add_command(runs.runs)
     main.add_command(tui.tui)
