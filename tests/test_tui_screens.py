@@ -9,7 +9,6 @@ with units, the advisor's first pick and why) and that it is not cut off.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from pathlib import Path
