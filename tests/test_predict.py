@@ -163,3 +163,45 @@ def test_run_dir_without_finetune_and_missing_inputs(tiny_run, tmp_path):
     assert res.exit_code == 2 and "not found" in res.output
     res = cli("predict", tiny_run, tmp_path / "no-such-image.png")
     assert res.exit_code == 2 and "no-such-image.png: not found" in res.output
+
+
+def test_older_detector_json_takes_its_inputs_from_the_run(tiny_run, tmp_path):
+    """A detector.json written before the inputs were recorded: they come from the run's data stage; a lone copy
+    of such a directory warns and scales by bit depth."""
+    [new_dir] = tiny_run.glob("finetune-*")
+    spec = json.loads((new_dir / "detector.json").read_text())
+    old_spec = {k: v for k, v in spec.items() if k not in ("categories", "data_normalization")}
+    old_dir = tiny_run / "finetune-older"
+    old_dir.mkdir()
+    (old_dir / "detector.json").write_text(json.dumps(old_spec))
+    (old_dir / "detector.safetensors").write_bytes((new_dir / "detector.safetensors").read_bytes())
+    old = sslrecipe.load_detector(old_dir)
+    assert old.categories == spec["categories"] and old.data_normalization == spec["data_normalization"]
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    for f in ("detector.json", "detector.safetensors"):
+        (lone / f).write_bytes((old_dir / f).read_bytes())
+    warnings = []
+    alone = sslrecipe.load_detector(lone, warn=warnings.append)
+    assert alone.data_normalization is None and "bit depth" in warnings[0]
+    assert alone.class_names == [str(c["id"]) for c in spec["categories"]]
+
+
+def test_matrix_cell_finds_its_detector_in_the_shared_stages(tmp_path):
+    """A cell's events name its stages under the matrix's stages/ (by the path the run was started with); a
+    matrix directory itself asks for a cell."""
+    from sslrecipe.detect.detector import resolve_detector_dir
+    from sslrecipe.errors import SSLRecipeError
+
+    matrix = tmp_path / "study"
+    cell = matrix / "hybrid-shots25"
+    cell.mkdir(parents=True)
+    for name in ("finetune-aaa", "finetune-bbb"):
+        (matrix / "stages" / name).mkdir(parents=True)
+        (matrix / "stages" / name / "detector.json").write_text("{}")
+    events = [{"event": "stage_start", "stage": "finetune", "dir": f"relative/elsewhere/stages/{n}"}
+              for n in ("finetune-aaa", "finetune-bbb")]
+    (cell / "events.jsonl").write_text("".join(json.dumps({"ts": 0, **e}) + "\n" for e in events))
+    assert resolve_detector_dir(cell) == (matrix / "stages" / "finetune-bbb", cell)  # the newest
+    with pytest.raises(SSLRecipeError, match="matrix with 1 cells; give one cell"):
+        resolve_detector_dir(matrix)

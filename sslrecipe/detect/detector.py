@@ -239,7 +239,7 @@ class Detector:
         keep = out["scores"] >= score
         return {k: out[k][keep][:max_dets].cpu() for k in ("boxes", "scores", "labels")}
 
-    def predict(self, images: Union[ImageLike, Iterable[ImageLike]], score: float = 0.05, tile: Optional[int] = None,
+    def predict(self, images: Union[ImageLike, Iterable[ImageLike]], score: float = 0.25, tile: Optional[int] = None,
                 overlap: float = 0.2, max_dets: Optional[int] = None) -> list[Prediction]:
         """Detections of each image (paths, or arrays as :meth:`prepare` takes them), in order.
 
