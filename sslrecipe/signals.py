@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+from typing import Optional
 
 _stop = threading.Event()
 _state = {"signals": 0, "deferring": 0, "pending": False, "aborting": False, "installed": False}
@@ -88,3 +89,21 @@ def graceful_stop():
         for sig, old in previous.items():
             signal.signal(sig, old)
         _reset()
+
+
+class Interrupted(Exception):
+    """Raised after a graceful stop (Ctrl-C / SIGINT / SIGTERM) once the checkpoint is written, or after an abort
+    (a second Ctrl-C) with the step of the checkpoint that remains (`checkpoint_step`, None when there is none)."""
+
+    def __init__(self, stage: str, step: int, checkpoint_step: Optional[int] = None, aborted: bool = False,
+                 message: Optional[str] = None):
+        if message is None and not aborted:
+            message = f"{stage} interrupted at step {step}; checkpoint written, rerun the same command to resume"
+        elif message is None:
+            resume = (f"resumes from its checkpoint at step {checkpoint_step}" if checkpoint_step
+                      else "starts again from step 0 (no checkpoint had been written yet)")
+            message = f"{stage} aborted at step {step}; rerun the same command: it {resume}"
+        super().__init__(message)
+        self.stage = stage
+        self.step = step
+        self.checkpoint_step = checkpoint_step

@@ -77,7 +77,7 @@ def run(recipe: str, overrides: tuple[str, ...], run_dir: str | None, until: str
     skipped = _skip_unavailable(recipe, overrides, cells, until)
     if skipped:
         cells = skipped[0]
-    from sslrecipe.engine.loop import Interrupted  # torch is imported only when a run starts
+    from sslrecipe.signals import Interrupted
     from sslrecipe.engine.matrix import MatrixFailed
     from sslrecipe.engine.runner import run_recipe
 

@@ -9,7 +9,6 @@ worker process loads it and whatever the global RNG state is.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -20,27 +19,12 @@ from torch.utils.data import Dataset
 
 from sslrecipe.data.images import to_channels
 from sslrecipe.data.normalize import read_normalized
+from sslrecipe.data.formats import read_json_file
 from sslrecipe.errors import DataError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 _REQUIRED_KEYS = ("images", "annotations", "categories")
-
-
-def read_json_file(path: PathLike, what: str = "annotation file") -> Any:
-    """Parse a JSON file; DataError naming the file (and line:column for bad JSON) otherwise."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        hint = "it is a folder; give the annotation .json file inside it" if p.is_dir() else "check the path"
-        raise DataError(f"{what} not found: {p} — {hint}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read {what} {p}: {e}") from e
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{p}:{e.lineno}:{e.colno}: invalid JSON ({e.msg}) — re-export the file or fix the JSON there") from e
 
 
 def load_coco(path: PathLike) -> dict:

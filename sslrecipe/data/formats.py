@@ -128,10 +128,21 @@ def image_size(path: PathLike) -> tuple[int, int]:
             raise DataError(f"cannot read the size of image {p}: {e}") from e
 
 
-def _json_load(path: Path) -> Any:
-    from sslrecipe.data.coco import read_json_file
+def read_json_file(path: PathLike, what: str = "annotation file") -> Any:
+    """Parse a JSON file; DataError naming the file (and line:column for bad JSON) otherwise."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        hint = "it is a folder; give the annotation .json file inside it" if p.is_dir() else "check the path"
+        raise DataError(f"{what} not found: {p} — {hint}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {what} {p}: {e}") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}:{e.lineno}:{e.colno}: invalid JSON ({e.msg}) — re-export the file or fix the JSON there") from e
 
-    return read_json_file(path)
 
 
 def _ignore_copies(
@@ -253,7 +264,7 @@ def _parse_coco_like(data: Any, source: Path, problems: Optional[list], hit_uav:
 def read_coco(path: PathLike, problems: Optional[list] = None) -> dict:
     """Read a COCO detection JSON (a ``DontCare``-like category becomes ignore regions)."""
     p = Path(path).expanduser()
-    return _parse_coco_like(_json_load(p), p, problems, hit_uav=False)
+    return _parse_coco_like(read_json_file(p), p, problems, hit_uav=False)
 
 
 def read_hit_uav(path: PathLike, problems: Optional[list] = None) -> dict:
@@ -265,7 +276,7 @@ def read_hit_uav(path: PathLike, problems: Optional[list] = None) -> dict:
     category, marked ``dontcare: 1``), never a class. Boxes are kept exactly.
     """
     p = Path(path).expanduser()
-    return _parse_coco_like(_json_load(p), p, problems, hit_uav=True)
+    return _parse_coco_like(read_json_file(p), p, problems, hit_uav=True)
 
 
 def write_coco(coco: dict, path: PathLike, image_root: Optional[PathLike] = None) -> Path:
@@ -759,7 +770,7 @@ def read_voc(
 
 def _json_kind(path: Path) -> Optional[str]:
     try:
-        data = _json_load(path)
+        data = read_json_file(path)
     except DataError:
         return None
     if not isinstance(data, dict):

@@ -37,27 +37,9 @@ from sslrecipe.engine.events import EventLog
 from sslrecipe.engine.schedules import build_optimizer, build_scheduler
 from sslrecipe.errors import StageError
 from sslrecipe.recipe.schema import OptimConfig
-from sslrecipe.signals import DeferredInterrupt, stop_requested
+from sslrecipe.signals import DeferredInterrupt, Interrupted, stop_requested
 
 CHECKPOINT_NAME = "checkpoint.pt"
-
-
-class Interrupted(Exception):
-    """Raised after a graceful stop (Ctrl-C / SIGINT / SIGTERM) once the checkpoint is written, or after an abort
-    (a second Ctrl-C) with the step of the checkpoint that remains (`checkpoint_step`, None when there is none)."""
-
-    def __init__(self, stage: str, step: int, checkpoint_step: Optional[int] = None, aborted: bool = False,
-                 message: Optional[str] = None):
-        if message is None and not aborted:
-            message = f"{stage} interrupted at step {step}; checkpoint written, rerun the same command to resume"
-        elif message is None:
-            resume = (f"resumes from its checkpoint at step {checkpoint_step}" if checkpoint_step
-                      else "starts again from step 0 (no checkpoint had been written yet)")
-            message = f"{stage} aborted at step {step}; rerun the same command: it {resume}"
-        super().__init__(message)
-        self.stage = stage
-        self.step = step
-        self.checkpoint_step = checkpoint_step
 
 
 class EpochBatchSampler(Sampler):

@@ -31,6 +31,7 @@ from sslrecipe.engine.names import DONE_NAME
 from sslrecipe.errors import RecipeError, SSLRecipeError
 from sslrecipe.recipe import Recipe, recipe_to_yaml
 from sslrecipe.recipe.loader import recipe_from_dict, set_dotted
+from sslrecipe.signals import Interrupted
 
 CELL_FILE = "cell.json"
 STAGES_DIR = "stages"  # RUN/stages/: the stage cache a matrix's cells share
@@ -222,7 +223,6 @@ def run_matrix(
     `run_cell(recipe, cell_dir, stage_root, forced)` runs one cell. A failed cell does not stop the others;
     `MatrixFailed` is raised at the end, after the table is written. An interrupt stops the matrix (the table of
     what is finished is written first)."""
-    from sslrecipe.engine.loop import Interrupted
 
     cells = matrix_cells(recipe)
     if only:

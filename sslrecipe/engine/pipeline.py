@@ -24,12 +24,11 @@ import torch
 from sslrecipe import __version__
 from sslrecipe.atomic import atomic_write_text
 from sslrecipe.engine.events import EventLog
-from sslrecipe.engine.loop import Interrupted
 from sslrecipe.engine.names import DONE_NAME, STAGE_ORDER  # noqa: F401  (re-exported)
 from sslrecipe.engine.rundir import RunLock, storage_error
 from sslrecipe.errors import SSLRecipeError
 from sslrecipe.recipe import Recipe, recipe_to_yaml
-from sslrecipe.signals import deferred_interrupts, graceful_stop, stop_requested
+from sslrecipe.signals import Interrupted, deferred_interrupts, graceful_stop, stop_requested
 
 
 def stable_hash(obj: Any, length: int = 12) -> str:
