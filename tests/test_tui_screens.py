@@ -320,7 +320,7 @@ def test_advisor_fields_keep_fast_typing_and_pastes(tmp_path, monkeypatch):
 
 
 def test_write_and_launch_asks_first_and_takes_overrides(tmp_path, monkeypatch):
-    from textual.widgets import Input
+    from textual.widgets import Button, Input
 
     from sslrecipe.tui.dialogs import ConfirmDialog, LaunchDialog, WriteRecipeDialog
 
@@ -340,19 +340,19 @@ def test_write_and_launch_asks_first_and_takes_overrides(tmp_path, monkeypatch):
             target = tmp_path / "advised.yaml"
             dialog.query_one("#write-path", Input).value = str(target)
             dialog.query_one("#write-set", Input).value = "finetune.steps"  # no value
-            await pilot.click("#write-launch")
-            await pilot.pause(0.1)
+            dialog.query_one("#write-launch", Button).press()  # not a click: a toast may cover it
+            await wait_for(pilot, lambda: dialog.query_one("#write-error").display, what="the error")
             assert app.screen is dialog and "--set finetune.steps" in str(dialog.query_one("#write-error").content)
             dialog.query_one("#write-set", Input).value = "finetune.steps=30 'data.val=my val.json'"
-            await pilot.click("#write-launch")
+            dialog.query_one("#write-launch", Button).press()  # not a click: a toast may cover it
             await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDialog), what="the confirmation")
             question = str(app.screen.query_one("#confirm-question").content)
             assert "advised.yaml" in question and "--set finetune.steps=30" in question
             await pilot.press("escape")  # no: nothing written, nothing launched
             assert app.screen is dialog and not target.exists() and not launched
-            await pilot.click("#write-launch")
+            dialog.query_one("#write-launch", Button).press()  # not a click: a toast may cover it
             await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDialog), what="the confirmation")
-            await pilot.click("#confirm-yes")
+            app.screen.query_one("#confirm-yes", Button).press()
             await wait_for(pilot, lambda: bool(launched), what="the launch")
             assert target.is_file()
             assert launched == [(str(target), ["finetune.steps=30", "data.val=my val.json"])]
@@ -361,7 +361,7 @@ def test_write_and_launch_asks_first_and_takes_overrides(tmp_path, monkeypatch):
             await wait_for(pilot, lambda: isinstance(app.screen, LaunchDialog), what="the launch dialog")
             app.screen.query_one("#recipe-path", Input).value = str(target)
             app.screen.query_one("#launch-set", Input).value = "seed=3"
-            await pilot.click("#launch")
+            app.screen.query_one("#launch", Button).press()
             await wait_for(pilot, lambda: len(launched) == 2, what="the second launch")
             assert launched[1] == (str(target), ["seed=3"])
 
