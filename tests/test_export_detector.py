@@ -138,3 +138,13 @@ def test_export_refuses_what_it_cannot(tiny_run, tmp_path):
     assert res.exit_code == 2 and "neither a run directory" in res.output
     help_text = _cli("--help").output
     assert "encoder export" in help_text and "ONNX / .pt2" in help_text
+
+
+def test_mask_rcnn_export_is_refused_with_the_reason():
+    from types import SimpleNamespace
+
+    from sslrecipe.detect.export import export_program
+    from sslrecipe.errors import SSLRecipeError
+
+    with pytest.raises(SSLRecipeError, match="mask_rcnn .*loop over detections"):
+        export_program(SimpleNamespace(spec={"detector": "mask_rcnn"}))

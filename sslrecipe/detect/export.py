@@ -196,7 +196,8 @@ def _export_onnx(program, file: Path) -> None:
     import torch
 
     try:
-        import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter needs it)
+        import onnx  # noqa: F401  (torch.onnx's dynamo exporter needs both)
+        import onnxscript  # noqa: F401
     except ImportError:
         raise SSLRecipeError("ONNX export needs the packages onnx and onnxscript: pip install onnx onnxscript "
                              "(onnxruntime to run the file)") from None
