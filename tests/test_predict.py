@@ -205,3 +205,26 @@ def test_matrix_cell_finds_its_detector_in_the_shared_stages(tmp_path):
     assert resolve_detector_dir(cell) == (matrix / "stages" / "finetune-bbb", cell)  # the newest
     with pytest.raises(SSLRecipeError, match="matrix with 1 cells; give one cell"):
         resolve_detector_dir(matrix)
+
+
+def test_interrupted_predict_keeps_what_it_did(tiny_run, tmp_path):
+    """Ctrl-C during predict: the images done are written (detections.json says it was interrupted)."""
+    from sslrecipe.detect.predict_files import collect_inputs, predict_files
+
+    folder = _mixed_folder(tmp_path, tiny_run)
+    detector = sslrecipe.load_detector(tiny_run)
+    done = []
+
+    def stop_after_two(name):
+        done.append(name)
+        if len(done) == 2:  # broken.png (skipped), then grey8.png
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        predict_files(detector, collect_inputs([str(folder)]), tmp_path / "out", score=0.0, max_dets=3,
+                      on_item=stop_after_two)
+    doc = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert done == ["broken.png", "grey8.png"] and doc["info"]["interrupted"] is True
+    assert [im["file_name"] for im in doc["images"]] == ["grey8.png"] and len(doc["annotations"]) == 3
+    assert [s["path"] for s in doc["skipped"]] == [str(folder / "broken.png")]
+    assert (tmp_path / "out" / "counts.csv").read_text().count("\n") == 2  # header + the one image
