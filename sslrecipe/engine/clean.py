@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from sslrecipe.engine.names import DONE_NAME, STAGE_ORDER
+from sslrecipe.engine.names import CELL_FILE, DONE_NAME, STAGE_ORDER
 from sslrecipe.errors import SSLRecipeError
 
 STAGE_DIR = re.compile(rf"^({'|'.join(STAGE_ORDER)})-([0-9a-f]{{12}})$")
-CELL_FILE = "cell.json"  # a matrix cell's directory holds it (engine/matrix.py)
 
 
 @dataclass

@@ -27,14 +27,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from sslrecipe.atomic import atomic_write_text
-from sslrecipe.engine.names import DONE_NAME
+from sslrecipe.engine.names import CELL_FILE, DONE_NAME, STAGES_DIR
 from sslrecipe.errors import RecipeError, SSLRecipeError
 from sslrecipe.recipe import Recipe, recipe_to_yaml
 from sslrecipe.recipe.loader import recipe_from_dict, set_dotted
 from sslrecipe.signals import Interrupted
 
-CELL_FILE = "cell.json"
-STAGES_DIR = "stages"  # RUN/stages/: the stage cache a matrix's cells share
 SEED_PREFIX = "fseed"  # cell-name suffix of a fine-tuning seed: <cell>-fseed1
 
 
