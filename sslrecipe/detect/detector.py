@@ -11,7 +11,6 @@ applies the encoder's mean/std.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
@@ -22,18 +21,6 @@ from sslrecipe.errors import SSLRecipeError
 
 DETECTOR_JSON = "detector.json"
 DETECTOR_WEIGHTS = "detector.safetensors"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temp file and a rename: a kill leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # --------------------------------------------------------------------------- finding the detector

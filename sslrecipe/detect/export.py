@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from sslrecipe.detect.detector import write_text_atomic
+from sslrecipe.atomic import atomic_write_file, atomic_write_text
 from sslrecipe.errors import SSLRecipeError
 
 FORMATS = ("onnx", "pt2")
@@ -176,19 +176,16 @@ def export_detector(path: Union[str, Path], fmt: str, out: Optional[Union[str, P
     target = Path(out) if out is not None else detector.directory / "export" / f"detector.{fmt}"
     target.parent.mkdir(parents=True, exist_ok=True)
     program = export_program(detector)
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
+    def write_to(tmp: str) -> None:
         if fmt == "pt2":
             import torch
 
-            torch.export.save(program, str(tmp))
+            torch.export.save(program, tmp)
         else:
-            _export_onnx(program, tmp)
-        tmp.replace(target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    write_text_atomic(target.with_name(target.name + ".json"), json.dumps(_sidecar(detector, fmt, target), indent=1))
+            _export_onnx(program, Path(tmp))
+
+    atomic_write_file(target, write_to, suffix=f".{fmt}")
+    atomic_write_text(target.with_name(target.name + ".json"), json.dumps(_sidecar(detector, fmt, target), indent=1))
     return target
 
 

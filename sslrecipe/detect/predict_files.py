@@ -27,8 +27,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from sslrecipe.atomic import atomic_write_text
 from sslrecipe.data.images import is_image_file
-from sslrecipe.detect.detector import Detector, Prediction, write_text_atomic
+from sslrecipe.detect.detector import Detector, Prediction
 from sslrecipe.errors import DataError, SSLRecipeError
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
@@ -279,9 +280,9 @@ def _write_outputs(out: Path, detector: Detector, images, annotations, counts, s
         "annotations": annotations,
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
     }
-    write_text_atomic(out / DETECTIONS_JSON, json.dumps(doc, indent=1))
+    atomic_write_text(out / DETECTIONS_JSON, json.dumps(doc, indent=1))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["file_name", *names, "total"], lineterminator="\n")
     writer.writeheader()
     writer.writerows(counts)
-    write_text_atomic(out / COUNTS_CSV, buffer.getvalue())
+    atomic_write_text(out / COUNTS_CSV, buffer.getvalue())

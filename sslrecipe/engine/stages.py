@@ -560,10 +560,6 @@ def run_finetune(ctx: StageContext) -> dict:
         "categories": [{"id": int(c["id"]), "name": str(c.get("name", c["id"]))}
                        for c in sorted(coco["categories"], key=lambda c: c["id"])],
         "data_normalization": read_manifest(ctx.upstream["data"]).get("normalization"),
-        # what `sslrecipe predict` / `export` need to read new images as training did: the detector directory stands alone
-        "categories": [{"id": int(c["id"]), "name": str(c.get("name", c["id"]))}
-                       for c in sorted(coco["categories"], key=lambda c: c["id"])],
-        "data_normalization": read_manifest(ctx.upstream["data"]).get("normalization"),
         # the input normalisation the encoder's weights expect, applied by the detector (and after it by predict)
         **Normalization.from_meta(meta, recipe.backbone.in_chans, str(ctx.upstream["weights"] / "encoder.json")).to_meta(),
     }
