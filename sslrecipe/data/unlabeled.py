@@ -27,17 +27,18 @@ PathLike = Union[str, "os.PathLike[str]"]
 MAX_SUBSTITUTES = 16
 
 
-def scan_unlabeled(folder: PathLike) -> tuple[list[Path], list[tuple[Path, str]]]:
+def scan_unlabeled(folder: PathLike, allow_empty: bool = False) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Images under ``folder`` that open, and ``(path, reason)`` for those that do not.
 
     Each file is checked with Pillow's ``verify`` (header and, for PNG, chunk checksums) without
     decoding the pixels, so a scan of thousands of images takes seconds; images smaller than
     :data:`~sslrecipe.data.images.MIN_IMAGE_SIDE` on a side (e.g. 1x1) are listed as problems too. A file that passes may
     still fail to decode later (e.g. a truncated JPEG); :class:`UnlabeledImages` handles that via
-    ``on_error``. Raises :class:`DataError` when the folder is missing or holds no image files.
+    ``on_error``. Raises :class:`DataError` when the folder is missing or, unless ``allow_empty`` (a folder of
+    videos), holds no image files.
     """
     paths = list_images(folder)
-    if not paths:
+    if not paths and not allow_empty:
         raise DataError(
             f"no images found in {folder} (searched recursively for {', '.join(IMAGE_EXTENSIONS)}) — "
             "check the path in data.unlabeled"

@@ -23,24 +23,20 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from sslrecipe.atomic import atomic_write_text
 from sslrecipe.data.images import is_image_file
+from sslrecipe.data.video import VIDEO_EXTENSIONS, is_video_file, iter_video_frames, video_frame_count  # noqa: F401 - the one frame reader
 from sslrecipe.detect.detector import Detector, Prediction
 from sslrecipe.errors import DataError, SSLRecipeError
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 DETECTIONS_JSON = "detections.json"
 COUNTS_CSV = "counts.csv"
 DRAWN_DIR = "drawn"
 _PALETTE = ("#ff3d00", "#00e676", "#2979ff", "#ffea00", "#d500f9", "#00e5ff", "#ff9100", "#76ff03")
-
-
-def is_video_file(path: Path) -> bool:
-    return not path.name.startswith(".") and path.suffix.lower() in VIDEO_EXTENSIONS
 
 
 @dataclass
@@ -71,45 +67,6 @@ def collect_inputs(args: Sequence[str]) -> Inputs:
         else:
             missing.append((arg, "not found"))
     return Inputs(files, missing)
-
-
-def _open_video(path: Path):
-    try:
-        import av
-    except ImportError:
-        raise SSLRecipeError(f"{path}: reading videos needs PyAV, the optional extra `video`: "
-                             "pip install 'sslrecipe[video]' (or pip install av)") from None
-    try:
-        return av.open(str(path))
-    except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem
-        raise DataError(f"cannot read video {path}: {e}") from e
-
-
-def video_frame_count(path: Path, stride: int) -> Optional[int]:
-    """Frames that will be read (every ``stride``-th), from the container's count; None when it does not say."""
-    try:
-        with _open_video(path) as container:
-            n = int(container.streams.video[0].frames or 0)
-    except (DataError, IndexError):
-        return None
-    return (n + stride - 1) // stride if n > 0 else None
-
-
-def iter_video_frames(path: Path, stride: int = 1) -> Iterator[tuple[int, np.ndarray]]:
-    """``(frame index, H x W x 3 uint8 RGB)`` of every ``stride``-th frame (0, stride, 2*stride, ...)."""
-    container = _open_video(path)
-    try:
-        if not container.streams.video:
-            raise DataError(f"{path} has no video stream")
-        for i, frame in enumerate(container.decode(video=0)):
-            if i % stride == 0:
-                yield i, frame.to_ndarray(format="rgb24")
-    except DataError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a corrupt stream mid-file
-        raise DataError(f"cannot decode video {path}: {e}") from e
-    finally:
-        container.close()
 
 
 def count_items(inputs: Inputs, stride: int) -> Optional[int]:

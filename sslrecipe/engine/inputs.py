@@ -49,7 +49,8 @@ def input_paths(recipe: Recipe) -> list[tuple[str, str, str]]:
     if d.images:
         out.append(("data.images", d.images, "the default image folder of the labeled sets"))
     if isinstance(d.unlabeled, str) and recipe.weights.source == "pretrain":
-        what = "the folder of your unlabeled images to pre-train on (or null: pre-train on the training images)"
+        what = ("the folder of your unlabeled images or videos, or a video file, to pre-train on (or null: pre-train on "
+                "the training images)")
         out.append(("data.unlabeled", d.unlabeled, what))
     out += _weights("weights", recipe.weights)
     if recipe.weights.source == "pretrain":

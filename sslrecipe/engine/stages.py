@@ -316,14 +316,21 @@ def _mostly_high_bit_depth(paths: list[str], sample: int = 25) -> bool:
 
 def _unlabeled_pool(ctx: StageContext, train_images: list[str]) -> list[str]:
     from sslrecipe.data.unlabeled import scan_unlabeled
+    from sslrecipe.data.video import VIDEO_EXTENSIONS, is_video_file, list_videos
 
     src = ctx.recipe.data.unlabeled
     if src is None:
         return train_images
+    videos: list[Path] = []
     if isinstance(src, str):
         folder = Path(src)
-        if not folder.is_dir():
-            raise DataError(f"data.unlabeled: folder {folder} not found")
+        if folder.is_file() and is_video_file(folder):
+            videos, folder = [folder], None
+        elif folder.is_dir():
+            videos = list_videos(folder)
+        else:
+            raise DataError(f"data.unlabeled: {folder} is not a folder of images or videos, nor a video file "
+                            f"({', '.join(VIDEO_EXTENSIONS)}) — check the path")
     else:
         from sslrecipe.data.synth import generate_synthetic
 
@@ -334,14 +341,46 @@ def _unlabeled_pool(ctx: StageContext, train_images: list[str]) -> list[str]:
             bit_depth=syn.bit_depth,
         )
         folder = ann.parent / "images"
-    good, problems = scan_unlabeled(folder)
+    good, problems = scan_unlabeled(folder, allow_empty=bool(videos)) if folder is not None else ([], [])
     for path, reason in problems:
         ctx.warn(f"unlabeled image skipped: {path}: {reason}")
     if problems:
         ctx.metric("data/unlabeled_skipped", len(problems))
-    if not good:
-        raise DataError(f"data.unlabeled: no readable images in {folder} (jpg, png, tif, tiff, bmp)")
-    return [str(p) for p in good]
+    pool = [str(p) for p in good] + _video_frames(ctx, videos, folder)
+    if not pool:
+        raise DataError(f"data.unlabeled: no readable images or video frames in {src} (images: jpg, png, tif, tiff, "
+                        f"bmp; videos: {', '.join(VIDEO_EXTENSIONS)})")
+    return pool
+
+
+def _video_frames(ctx: StageContext, videos: list[Path], folder: Optional[Path]) -> list[str]:
+    """Every `data.video_stride`-th frame of each video, written once as PNG into this stage's `frames/` (the folder
+    layout of the videos kept), so dedup, the leak guard, the statistics and pre-training read them as images."""
+    from sslrecipe.data.video import extract_frames
+
+    if not videos:
+        return []
+    stride = ctx.recipe.data.video_stride
+    frames: list[str] = []
+    counts: dict[str, int] = {}
+    skipped = 0
+    for video in videos:
+        rel = video.relative_to(folder).as_posix() if folder is not None else video.name
+        written, problem = extract_frames(video, ctx.stage_dir / "frames" / rel, stride)
+        if problem is not None:
+            skipped += 1
+            kept = f"; its {len(written)} frames decoded before that are kept" if written else ""
+            ctx.warn(f"unlabeled video skipped: {video}: {problem}{kept}")
+        frames += [str(p) for p in written]
+        counts[rel] = len(written)
+    ctx.metric("data/video_frames", {"stride": stride, "frames": counts})
+    if skipped:
+        ctx.metric("data/videos_skipped", skipped)
+    if frames and ctx.recipe.data.dedup is False:
+        ctx.warn(f"data.unlabeled holds videos ({len(frames)} frames at data.video_stride {stride}) and data.dedup is "
+                 "false: near-duplicate frames (a still or slow camera) all stay in the pool; set data.dedup: true to "
+                 "remove them")
+    return frames
 
 
 # --------------------------------------------------------------------------- pretrain
@@ -682,10 +721,24 @@ def publish(run_dir: Path, report_dir: Path) -> None:
 # --------------------------------------------------------------------------- the pipeline
 
 
+def _pool_has_videos(r: Recipe) -> bool:
+    """Whether `data.unlabeled` is a video or a folder holding videos: only then does `data.video_stride` enter the
+    hashes (older runs and image pools keep theirs)."""
+    from sslrecipe.data.video import is_video_file, list_videos
+
+    src = r.data.unlabeled
+    if not isinstance(src, str):
+        return False
+    path = Path(src)
+    return is_video_file(path) if path.is_file() else path.is_dir() and bool(list_videos(path))
+
+
 def _unlabeled_pool_config(r: Recipe) -> Any:
     common = {"dedup": r.data.dedup, "normalize": _dump(r.data.normalize), "seed": r.seed}
     if r.data.unlabeled is not None:
-        return {"unlabeled": _dump(r.data.unlabeled) if not isinstance(r.data.unlabeled, str) else r.data.unlabeled, **common}
+        videos = {"video_stride": r.data.video_stride} if _pool_has_videos(r) else {}
+        return {"unlabeled": _dump(r.data.unlabeled) if not isinstance(r.data.unlabeled, str) else r.data.unlabeled,
+                **common, **videos}
     # the pool is the training images: it depends on the labeled sources and the split, never on `shots`
     pool = {"train": _dump(r.data.train), "synthetic": _dump(r.data.synthetic), "split": list(r.data.split),
             "images": r.data.images, "format": r.data.format, **common}
@@ -710,6 +763,8 @@ def _data_config(r: Recipe) -> dict:
     data = _dump_hashed(r.data, ("shots_seed",))
     if data.get("shots_seed") == r.seed:  # the same subset as the default: the same stage
         del data["shots_seed"]
+    if not _pool_has_videos(r):  # it changes nothing then: image pools and older runs keep their hash
+        data.pop("video_stride", None)
     return {"data": data, "seed": r.seed, "eval_split": r.evaluate.split}
 
 

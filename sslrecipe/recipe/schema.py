@@ -113,8 +113,12 @@ class DataConfig(Section):
     unlabeled: Union[str, UnlabeledSynthetic, None] = Field(
         None,
         description="Unlabeled pool for pre-training: a folder of images (searched recursively; "
-        "jpg/png/tif/tiff/bmp, 8/16-bit, 1 or 3 channels) or `{synthetic: {...}}`. "
-        "null = the training images without their labels.",
+        "jpg/png/tif/tiff/bmp, 8/16-bit, 1 or 3 channels) and/or videos (mp4/avi/mov/mkv/..., read with PyAV: the "
+        "`video` extra), a single video file, or `{synthetic: {...}}`. null = the training images without their labels.",
+    )
+    video_stride: int = Field(
+        30, ge=1, description="Videos in `unlabeled`: every N-th frame enters the pool (30 = one a second at 30 fps); "
+        "the frames are stored as PNG in the data stage's folder. Set `dedup` to drop near-duplicate frames.",
     )
     train: Union[str, LabeledSource, None] = Field(None, description="Labeled training set (path or {annotations, images, format}).")
     val: Union[str, LabeledSource, None] = Field(None, description="Labeled validation set.")
