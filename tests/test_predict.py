@@ -228,3 +228,13 @@ def test_interrupted_predict_keeps_what_it_did(tiny_run, tmp_path):
     assert [im["file_name"] for im in doc["images"]] == ["grey8.png"] and len(doc["annotations"]) == 3
     assert [s["path"] for s in doc["skipped"]] == [str(folder / "broken.png")]
     assert (tmp_path / "out" / "counts.csv").read_text().count("\n") == 2  # header + the one image
+
+
+def test_drawn_pixels_keep_the_grey_levels_of_raw_and_scaled_frames():
+    """Video frames arrive as raw uint8, images as 0..1 floats: both draw with their own grey levels."""
+    from sslrecipe.detect.predict_files import display_pixels
+
+    raw = np.full((4, 4, 3), 128, dtype=np.uint8)
+    scaled = np.full((4, 4, 1), 0.5, dtype=np.float32)
+    assert display_pixels(raw, stretch=False).max() == 128
+    assert display_pixels(scaled, stretch=False).max() == 128

@@ -93,6 +93,8 @@ def min_drawn_side(width: int, height: int) -> int:
 def display_pixels(arr: np.ndarray, stretch: bool) -> np.ndarray:
     """``H x W x 3`` uint8 for drawing; ``stretch`` maps the 0.5..99.5 percentiles to 0..255 (16-bit thermal)."""
     x = arr[:, :, :3] if arr.shape[2] >= 3 else np.repeat(arr[:, :, :1], 3, axis=2)
+    if np.issubdtype(x.dtype, np.integer):  # raw pixels (video frames): to 0..1 by their type's range
+        x = x.astype(np.float32) / np.iinfo(x.dtype).max
     if stretch:
         lo, hi = np.percentile(x, [0.5, 99.5])
         x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
