@@ -61,6 +61,10 @@ class CompareScreen(Screen):
             for path, label in self.runs:
                 w = RunWatcher(path, label)
                 w.poll()
+                if w.refused is not None:  # a newer run-directory layout: left out, and said so
+                    self.app.call_from_thread(self.notify, w.refused, title="compare: skipped", severity="warning",
+                                              markup=False)
+                    continue
                 records.append(record_of(w))
         except Exception as e:  # noqa: BLE001 - shown as a notification
             error = e

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Optional
 import yaml
 
 from sslrecipe.engine.names import DONE_NAME, STAGE_ORDER  # torch-free: the TUI starts fast
+from sslrecipe.engine.rundir import FORMAT_NAME, RunLayoutError, run_layout
 
 EVENTS_NAME = "events.jsonl"
 LOG_NAME = "run.log"  # stdout/stderr of runs the TUI launches
@@ -462,10 +463,15 @@ class RunWatcher:
         self.launched_pid: Optional[int] = None  # set by the TUI for a process it started
         self.alive = False
         self.new_events: list[dict[str, Any]] = []  # what the last poll read
+        self.refused: Optional[str] = None  # why the directory is not read (a newer layout), shown as its status
+        self._layout_stamp: Any = ()
 
     def poll(self) -> bool:
         """Read what is new; True when anything changed."""
-        changed = False
+        changed = self._check_layout()
+        if self.refused is not None:  # never misread: nothing else of it is read
+            self.new_events, self.alive = [], False
+            return changed
         events, reset = self.tail.read_new()
         if reset:
             self.state = RunState()
@@ -479,6 +485,24 @@ class RunWatcher:
         alive = self._alive()
         changed = changed or alive != self.alive
         self.alive = alive
+        return changed
+
+    def _check_layout(self) -> bool:
+        try:
+            st = (self.path / FORMAT_NAME).stat()
+            stamp: Any = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        if stamp == self._layout_stamp:  # read again only when format.json changes
+            return False
+        self._layout_stamp = stamp
+        try:
+            run_layout(self.path)
+            refused = None
+        except RunLayoutError as e:
+            refused = str(e)
+        changed = refused != self.refused
+        self.refused = refused
         return changed
 
     def _read_recipe(self) -> bool:
@@ -524,6 +548,8 @@ class RunWatcher:
         return {**self.state.metrics, **self.file_metrics}
 
     def status(self) -> tuple[str, str]:
+        if self.refused is not None:
+            return "unreadable", self.refused
         s = self.state
         if s.end_status is not None:
             if self.alive and self.launched_pid is not None and self.launched_pid != s.pid:

@@ -31,7 +31,10 @@ def compare(run_dirs: tuple[str, ...], layout: str, metrics: tuple[str, ...], cs
     from sslrecipe.errors import DataError
     from sslrecipe.report.compare import build_table, load_runs, matrix_of
 
-    records = load_runs(run_dirs)
+    skipped: list[str] = []
+    records = load_runs(run_dirs, skipped)
+    for note in skipped:  # runs of a newer layout: left out, said so
+        click.echo(f"skipped: {note}", err=True)
     have = sorted({k for r in records for k, v in r.metrics.items() if not isinstance(v, dict)})
     unknown = [m for m in metrics if m not in have]
     if unknown:

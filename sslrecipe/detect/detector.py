@@ -17,6 +17,7 @@ from typing import Any, Iterable, Optional, Union
 
 import numpy as np
 
+from sslrecipe.engine.rundir import run_layout
 from sslrecipe.errors import SSLRecipeError
 
 DETECTOR_JSON = "detector.json"
@@ -71,6 +72,7 @@ def resolve_detector_dir(path: Union[str, Path]) -> tuple[Path, Optional[Path]]:
         raise SSLRecipeError(f"{p} holds a fine-tuned YOLO (yolo.json); predict and export here cover the Faster/Mask "
                              "R-CNN detectors — run Ultralytics' own `yolo predict` / `yolo export` on its best.pt")
     if (p / "events.jsonl").is_file():
+        run_layout(p)  # a run directory of a newer layout is refused, never misread
         found = find_stage_dir(p, "finetune", DETECTOR_JSON)
         if found is not None:
             return found, p

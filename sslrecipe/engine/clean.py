@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from sslrecipe.engine.names import CELL_FILE, DONE_NAME, STAGE_ORDER
+from sslrecipe.engine.rundir import run_layout
 from sslrecipe.errors import SSLRecipeError
 
 STAGE_DIR = re.compile(rf"^({'|'.join(STAGE_ORDER)})-([0-9a-f]{{12}})$")
@@ -90,6 +91,7 @@ def plan_clean(run_dir: str | Path) -> CleanPlan:
     that is not a run, a matrix cell (its stages are shared: clean the matrix), or when the latest recipe
     matches none of the stage directories (the data moved or changed: keeping everything is the safe answer)."""
     run_dir = Path(run_dir)
+    run_layout(run_dir)  # a newer layout is refused: its stage directories may not mean what this code thinks
     resolved = run_dir / "resolved.yaml"
     if not resolved.is_file():
         raise SSLRecipeError(f"{run_dir} has no resolved.yaml: give a run directory (the one `sslrecipe run` printed)")

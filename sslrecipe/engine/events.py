@@ -3,7 +3,7 @@
 One JSON object a line, flushed (and fsynced on stage boundaries) per line, each with `ts` (UNIX
 seconds), `event` and `stage` (null for run-level events). Event names and their extra keys:
 
-- run_start: world_size, versions, recipe (path of resolved.yaml), run_dir, pid
+- run_start: world_size, versions, recipe (path of resolved.yaml), run_dir, pid, layout (of the run directory)
 - stage_start: dir, hash
 - stage_cached: dir, hash
 - progress: step, total, epoch, loss, losses (named parts), lr, images_per_s, eta_s

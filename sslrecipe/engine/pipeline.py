@@ -25,10 +25,11 @@ from sslrecipe import __version__
 from sslrecipe.atomic import atomic_write_text
 from sslrecipe.engine.events import EventLog
 from sslrecipe.engine.names import DONE_NAME, STAGE_ORDER  # noqa: F401  (re-exported)
-from sslrecipe.engine.rundir import RunLock, storage_error
+from sslrecipe.engine.rundir import RunLock, record_run_layout, run_layout, storage_error
 from sslrecipe.errors import SSLRecipeError
 from sslrecipe.recipe import Recipe, recipe_to_yaml
 from sslrecipe.signals import Interrupted, deferred_interrupts, graceful_stop, stop_requested
+from sslrecipe.versions import RUN_LAYOUT_VERSION
 
 
 def stable_hash(obj: Any, length: int = 12) -> str:
@@ -125,6 +126,7 @@ class Pipeline:
             if name is not None and name not in self.by_name:
                 raise SSLRecipeError(f"unknown stage {name!r}; stages are: {', '.join(self.by_name)}")
         run_dir = Path(run_dir)
+        run_layout(run_dir)  # a directory of a newer layout is refused before anything is written in it
         # the graceful stop spans the run's last events too, and the lock everything written in the run directory
         with graceful_stop():
             try:
@@ -146,11 +148,12 @@ class Pipeline:
         events = EventLog(run_dir / "events.jsonl")
         for listener in listeners:
             events.subscribe(listener)
+        record_run_layout(run_dir, __version__)
         resolved = run_dir / "resolved.yaml"
         atomic_write_text(resolved, recipe_to_yaml(recipe))
         events.emit(
             "run_start", None, world_size=1, versions=_versions(), recipe=str(resolved), run_dir=str(run_dir.resolve()),
-            pid=os.getpid(), name=recipe.name, **(run_info or {}),
+            pid=os.getpid(), name=recipe.name, layout=RUN_LAYOUT_VERSION, **(run_info or {}),
         )
         started = time.time()
         done: dict[str, Path] = {}

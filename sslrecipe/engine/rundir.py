@@ -7,6 +7,9 @@ however it ends (`kill -9` included), so a run directory is never left locked. T
 Only the process that writes the run directory takes it: under torchrun that is rank 0. Within that process the
 lock is reentrant (a matrix holds its directory and its shared stage cache while each cell's pipeline asks again).
 
+The layout a run directory is written in is recorded in `RUN/format.json` (`record_run_layout`) and checked by every
+reader (`run_layout`): a newer layout is refused with one message, never misread.
+
 Free of torch (an import-linter contract in pyproject.toml keeps it so): the TUI and the CLI use it, with
 `events.read_events` and `names`, to place and read run directories without loading the training stack.
 """
@@ -23,13 +26,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from sslrecipe.atomic import os_error_in
+from sslrecipe.atomic import atomic_write_text, os_error_in
 from sslrecipe.errors import SSLRecipeError
+from sslrecipe.versions import LEGACY_RUN_LAYOUT, RUN_LAYOUT_VERSION
 
 if TYPE_CHECKING:
     from sslrecipe.recipe import Recipe
 
 LOCK_NAME = "run.lock"
+FORMAT_NAME = "format.json"  # {"layout": N, "sslrecipe": version}: the layout the run directory is written in
 DEFAULT_ROOT = Path("runs")
 _held: dict[Path, int] = {}  # directories this process holds -> how many holders
 
@@ -38,6 +43,50 @@ def default_run_dir(recipe: "Recipe", root: Path = DEFAULT_ROOT) -> Path:
     """`runs/<recipe name>-<date>-<time>`: where `sslrecipe run` and the TUI's launch put a run without --run-dir."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path(root) / f"{recipe.name}-{stamp}"
+
+
+class RunLayoutError(SSLRecipeError):
+    """A run directory written in a layout this sslrecipe does not know (a newer one), or whose record is unreadable."""
+
+
+def run_layout(run_dir: Path) -> int:
+    """The layout version `run_dir` is written in, checked: every reader of a run directory (resume, the TUI's run
+    list, compare, load_detector, runs clean) asks here before reading it. A directory without `format.json` was
+    written before layouts were recorded, in `LEGACY_RUN_LAYOUT`, and reads as that. Raises `RunLayoutError` for
+    a newer layout (refused, never misread) or a record that cannot be read."""
+    path = Path(run_dir) / FORMAT_NAME
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return LEGACY_RUN_LAYOUT
+    except OSError as e:
+        raise RunLayoutError(f"cannot read {path} ({e.strerror}): it says which layout the run directory {run_dir} "
+                             "is written in; make it readable") from None
+    try:
+        data = json.loads(text)
+        layout = data["layout"]
+        if not isinstance(layout, int) or isinstance(layout, bool) or layout < 1:
+            raise ValueError(layout)
+    except (ValueError, KeyError, TypeError):
+        raise RunLayoutError(f"{path} is not a run-layout record (expected {{\"layout\": {RUN_LAYOUT_VERSION}, ...}}): "
+                             f"the run directory {run_dir} cannot be read safely; restore that file (this sslrecipe "
+                             f"writes {{\"layout\": {RUN_LAYOUT_VERSION}}})") from None
+    if layout > RUN_LAYOUT_VERSION:
+        by = f"sslrecipe {data['sslrecipe']}" if isinstance(data.get("sslrecipe"), str) else "a newer sslrecipe"
+        raise RunLayoutError(f"{run_dir} is written in run-directory layout {layout} (by {by}); this "
+                             f"sslrecipe reads layouts up to {RUN_LAYOUT_VERSION} and will not misread it: "
+                             "upgrade sslrecipe to read or resume it")
+    return layout
+
+
+def record_run_layout(run_dir: Path, written_by: str) -> None:
+    """Check `run_dir`'s layout, then record the current one (atomically) when none is recorded yet (a new or a
+    legacy directory; a recorded one is never rewritten); `written_by`: the sslrecipe version, for a refusal to name."""
+    run_layout(run_dir)
+    if (Path(run_dir) / FORMAT_NAME).is_file():
+        return
+    atomic_write_text(Path(run_dir) / FORMAT_NAME,
+                      json.dumps({"layout": RUN_LAYOUT_VERSION, "sslrecipe": written_by}) + "\n")
 
 
 class StorageError(SSLRecipeError):

@@ -9,10 +9,11 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import torch
 
+from sslrecipe import __version__
 from sslrecipe.engine.console import ConsoleReporter
 from sslrecipe.engine.cpu_threads import apply_wait_policy, plan_threads
 from sslrecipe.engine.loop import resolve_device
-from sslrecipe.engine.rundir import RunLock, default_run_dir, storage_error
+from sslrecipe.engine.rundir import RunLock, default_run_dir, record_run_layout, run_layout, storage_error
 from sslrecipe.engine.stages import build_pipeline, publish
 from sslrecipe.recipe import Recipe, load_recipe
 from sslrecipe.signals import graceful_stop
@@ -37,6 +38,7 @@ def resolve_run_target(target: str | Path, run_dir: Optional[str | Path]) -> tup
     """A run directory given as RECIPE means: resume it with its own resolved.yaml."""
     target = Path(target)
     if target.is_dir():
+        run_layout(target)  # a newer layout is refused before its resolved.yaml is read
         resolved = target / "resolved.yaml"
         if not resolved.is_file():
             from sslrecipe.errors import RecipeError
@@ -90,7 +92,9 @@ def run_recipe(
         # the matrix directory is held as a whole (its cells share it); each cell's pipeline holds its own too
         with graceful_stop():
             try:
+                run_layout(root)  # before anything is written in it
                 with RunLock(root):
+                    record_run_layout(root, __version__)
                     return run_matrix(recipe, root, run_cell, only=tuple(cells) or None)
             except OSError as e:
                 fault = storage_error(e, root)

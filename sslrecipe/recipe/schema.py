@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sslrecipe.versions import RECIPE_VERSION
+
 DATA_FORMATS = ("auto", "coco", "yolo", "voc", "hit-uav")
 DataFormat = Literal["auto", "coco", "yolo", "voc", "hit-uav"]
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
@@ -393,6 +395,10 @@ class MatrixConfig(Section):
 class Recipe(Section):
     """A complete sslrecipe run: data -> [pretrain] -> weights -> finetune -> evaluate -> report."""
 
+    version: int = Field(
+        RECIPE_VERSION, ge=1, description="The recipe format this recipe is written for; omitted = the current one "
+        f"({RECIPE_VERSION}). A recipe for a newer format is refused (upgrade sslrecipe); it enters no stage hash."
+    )
     name: PlainName = Field(
         "run", description="Run name; the default run dir is runs/<name>-<timestamp>. A plain name (no '/' or '..'): "
         "`--run-dir` chooses another place."
@@ -411,6 +417,15 @@ class Recipe(Section):
     report: ReportConfig = Field(default_factory=ReportConfig, description="Report.")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Device, precision, workers, checkpoints.")
     matrix: Optional[MatrixConfig] = Field(None, description="Run a grid of variants of this recipe and compare them.")
+
+    @field_validator("version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        # a newer format may mean keys this sslrecipe reads differently: refuse it rather than misread it
+        if v > RECIPE_VERSION:
+            raise ValueError(f"this recipe is written for a newer sslrecipe (recipe format {v}; this sslrecipe "
+                             f"reads formats up to {RECIPE_VERSION}): upgrade sslrecipe (pip install -U sslrecipe)")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
+from sslrecipe.engine.rundir import RunLayoutError, run_layout
 from sslrecipe.errors import DataError
 
 LAYOUTS = ("flat", "table3", "table4", "table6", "table7")
@@ -47,7 +48,7 @@ METRIC_LABELS = {
 # seeds: runs that differ only in these are replicates of one row
 RUN_REPLICATES = ("seed", "finetune.seed")
 SURVEY_REPLICATES = RUN_REPLICATES + ("data.shots_seed",)
-_SKIPPED = ("name", "extends")
+_SKIPPED = ("name", "extends", "version")  # the recipe format version is no difference between experiments
 _SKIPPED_PREFIXES = ("matrix.", "runtime.")
 
 
@@ -133,22 +134,54 @@ def is_run_dir(path: Path) -> bool:
     return (Path(path) / "events.jsonl").is_file()
 
 
-def run_dirs(paths: Iterable[str | Path]) -> list[tuple[Path, str]]:
-    """(run directory, label) for each path: a run, or the runs inside a folder (a matrix's cells, a runs folder)."""
+def _layout_refusal(path: Path) -> Optional[str]:
+    """Why `path` (a run or a matrix folder) is not read: a newer run-directory layout; None when it is readable."""
+    try:
+        run_layout(path)
+    except RunLayoutError as e:
+        return str(e)
+    return None
+
+
+def run_dirs(paths: Iterable[str | Path], skipped: Optional[list[str]] = None) -> list[tuple[Path, str]]:
+    """(run directory, label) for each path: a run, or the runs inside a folder (a matrix's cells, a runs folder).
+    A directory of a newer layout is left out, with the reason appended to `skipped` (raised when it is None)."""
     out: list[tuple[Path, str]] = []
+    refused: list[str] = []
+
+    def readable(path: Path) -> bool:
+        refusal = _layout_refusal(path)
+        if refusal is not None and skipped is None:
+            raise RunLayoutError(refusal)
+        if refusal is not None:
+            refused.append(refusal)
+            skipped.append(refusal)
+        return refusal is None
+
     for given in paths:
         p = Path(given)
         if is_run_dir(p):
-            out.append((p, p.name))
+            if readable(p):
+                out.append((p, p.name))
             continue
         if not p.is_dir():
             raise DataError(f"{p}: no such run directory")
         found = []
+        before = len(refused)
+        if not readable(p):  # a matrix folder of a newer layout: its cells are left out with it
+            continue
         for child in sorted(c for c in p.iterdir() if c.is_dir()):
             if is_run_dir(child):
-                found.append((child, f"{p.name}/{child.name}"))
-            else:  # a matrix run inside a runs folder: its cells
-                found += [(c, f"{child.name}/{c.name}") for c in sorted(child.iterdir()) if c.is_dir() and is_run_dir(c)]
+                if readable(child):
+                    found.append((child, f"{p.name}/{child.name}"))
+                continue
+            if not readable(child):
+                continue
+            # a matrix run inside a runs folder: its cells
+            found += [(c, f"{child.name}/{c.name}") for c in sorted(child.iterdir())
+                      if c.is_dir() and is_run_dir(c) and readable(c)]
+        if not found and len(refused) > before:  # every run in it is of a newer layout: said in `skipped`
+            continue
         if not found:
             raise DataError(f"{p}: not a run directory (no events.jsonl) and no runs inside it; give run directories, "
                             "e.g. runs/<name>-<timestamp> or a matrix run's folder")
@@ -156,8 +189,13 @@ def run_dirs(paths: Iterable[str | Path]) -> list[tuple[Path, str]]:
     return out
 
 
-def load_runs(paths: Iterable[str | Path]) -> list[RunRecord]:
-    return [read_run(p, label) for p, label in run_dirs(paths)]
+def load_runs(paths: Iterable[str | Path], skipped: Optional[list[str]] = None) -> list[RunRecord]:
+    """The runs at `paths`; those of a newer layout are refused, or with `skipped` left out with a note there (see
+    `run_dirs`); when that leaves none, a DataError says why."""
+    found = run_dirs(paths, skipped)
+    if not found:
+        raise DataError("nothing to compare: " + "; ".join(skipped or []))
+    return [read_run(p, label) for p, label in found]
 
 
 def matrix_of(records: list[RunRecord]) -> Optional[dict[str, Any]]:
