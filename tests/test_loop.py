@@ -159,5 +159,32 @@ def test_progress_events_schema(tmp_path):
     progress = [e for e in events if e["event"] == "progress"]
     assert progress and progress[-1]["step"] == 10
     for e in progress:
-        assert {"step", "total", "epoch", "loss", "losses", "lr", "images_per_s", "eta_s"} <= set(e)
+        assert {"step", "total", "epoch", "epochs", "loss", "losses", "lr", "images_per_s", "eta_s", "run_eta_s"} <= set(e)
         assert "mse" in e["losses"]
+        # 37 items in batches of 8: 5 batches an epoch, so 10 steps are 2 epochs; `epoch` counts from 0
+        assert e["epochs"] == 2 and e["epoch"] == (e["step"] - 1) // 5
+        assert e["run_eta_s"] == e["eta_s"] and e["run_eta_covers"] == [] and e["run_eta_excludes"] == []
+
+
+def test_run_eta_adds_later_training_stages_and_names_the_unknown_ones():
+    from sslrecipe.engine.loop import run_eta
+
+    later = [("weights", None), ("finetune", 40), ("evaluate", None), ("report", None)]
+    # 10 s left here, then 40 images at this stage's 0.5 s/image; evaluate has no planned work, so it is named
+    assert run_eta(10.0, 0.5, later) == {"run_eta_s": 30.0, "run_eta_covers": ["finetune"], "run_eta_excludes": ["evaluate"]}
+    assert run_eta(10.0, 0.5, [])["run_eta_s"] == 10.0
+    assert run_eta(float("inf"), 0.5, later)["run_eta_s"] is None  # nothing measured yet: no number
+
+
+def test_plain_console_shows_epoch_and_run_eta():
+    import io
+
+    from sslrecipe.engine.console import ConsoleReporter
+
+    out = io.StringIO()
+    ConsoleReporter("plain", out)({
+        "event": "progress", "stage": "pretrain", "step": 4, "total": 12, "epoch": 0, "epochs": 3, "loss": 1.0,
+        "lr": 1e-3, "images_per_s": 8.0, "eta_s": 180.0, "run_eta_s": 725.0, "run_eta_covers": ["finetune"],
+        "run_eta_excludes": ["evaluate"]})
+    line = out.getvalue()
+    assert "step 4/12 epoch 1/3 " in line and "eta 180s, run ETA ~12m05s + evaluate" in line

@@ -150,3 +150,23 @@ def test_finetune_img_size_null_is_chosen_from_the_training_boxes(tmp_path):
     assert chosen == suggest_img_size(train) and chosen % 32 == 0 and chosen >= 128  # 128x96 scenes, small objects
     assert json.loads((finetune / "detector.json").read_text())["img_size"] == chosen
     assert [e["value"] for e in events_of(run_dir) if e.get("name") == "finetune/img_size"] == [chosen]
+
+
+def test_progress_shows_epochs_and_a_run_eta_that_covers_later_training(tmp_path):
+    run_dir = tmp_path / "r"
+    res = run_cli("--run-dir", str(run_dir), "--set", "weights.source=pretrain",
+                  "--set", "pretrain={method: spark, steps: 4, batch_size: 4, img_size: 64}", "--until", "finetune")
+    progress = [e for e in events_of(run_dir) if e["event"] == "progress"]
+    by_stage = {s: [e for e in progress if e["stage"] == s] for s in ("pretrain", "finetune")}
+    assert all(by_stage.values())
+    for events in by_stage.values():
+        assert all(0 <= e["epoch"] < e["epochs"] for e in events)
+        assert events[-1]["epoch"] == events[-1]["epochs"] - 1  # the last step is in the last epoch
+    # while pre-training, the run's ETA adds fine-tuning's planned steps (at pre-training's speed): it outlasts the stage
+    for e in by_stage["pretrain"]:
+        assert e["run_eta_covers"] == ["finetune"] and e["run_eta_s"] > e["eta_s"]
+    # fine-tuning is the last stage of this run: the run's ETA is the stage's
+    for e in by_stage["finetune"]:
+        assert e["run_eta_covers"] == [] and e["run_eta_s"] == e["eta_s"]
+    last = by_stage["pretrain"][-1]
+    assert f"step 4/4 epoch {last['epochs']}/{last['epochs']} " in res.output and ", run ETA ~" in res.output

@@ -268,11 +268,14 @@ def test_monitor_follows_a_run_as_events_are_appended(tmp_path):
             _append(run, _event("stage_start", "finetune", dir=str(run / "finetune-1"), hash="1"))
             await wait_for(pilot, lambda: monitor.watcher.state.current == "finetune", what="finetune")
             for step in range(1, 6):
-                _append(run, _progress("finetune", step, 200, 3.0 / step))
+                # 50 steps an epoch (epochs 4); the run's ETA is the stage's, with evaluate not estimated
+                _append(run, {**_progress("finetune", step, 200, 3.0 / step), "epochs": 4, "run_eta_s": float(200 - step),
+                              "run_eta_covers": [], "run_eta_excludes": ["evaluate"]})
                 await pilot.pause(0.05)
             await wait_for(pilot, lambda: bar.progress == 5 and bar.total == 200, what="the progress bar")
             speed = _plain(monitor.query_one("#speed").content)
-            assert "5/200" in speed and "12.5 img/s" in speed and "ETA" in speed
+            assert "5/200" in speed and "epoch 1/4" in speed and "12.5 img/s" in speed
+            assert "stage ETA 3m15s" in speed and "run ETA 3m15s + evaluate" in speed
             plot = monitor.query_one(LossPlot)
             await wait_for(pilot, lambda: len(plot._loss[0]) == 5, what="the loss curve")
             # many steps at once: the plot redraws on its own timer, not once per event

@@ -223,6 +223,28 @@ def test_monitor_shows_evaluation_metrics_with_units_and_the_whole_resumed_run(t
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("size", SIZES)
+def test_monitor_shows_the_epoch_and_the_whole_run_eta(tmp_path, size):
+    run = make_run(tmp_path, "live", status="running", pid=os.getpid(), age=5)
+    _append(run, _event("stage_start", "pretrain", dir=str(run / "pretrain-1"), hash="1"),
+            {**_progress("pretrain", 30, 120, 0.8), "epoch": 1, "epochs": 4, "eta_s": 180.0, "run_eta_s": 725.0,
+             "run_eta_covers": ["finetune"], "run_eta_excludes": ["evaluate"]})
+
+    async def scenario():
+        app = _app(tmp_path)
+        async with app.run_test(size=size) as pilot:
+            monitor = app.open_run(run)
+            await wait_for(pilot, lambda: monitor.watcher.state.progress_stage == "pretrain", what="the pretrain progress")
+            await pilot.pause(0.3)
+            lines = screen_lines(app)
+        assert_fits(lines, size)
+        screen = " ".join(line.strip() for line in lines)
+        assert "30/120" in screen and "epoch 2/4" in screen  # 1-based for the reader
+        assert "stage ETA 3m00s" in screen and "run ETA ~12m05s + evaluate" in screen
+
+    asyncio.run(scenario())
+
+
 # --------------------------------------------------------------------------- the advisor
 
 

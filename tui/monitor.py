@@ -15,6 +15,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, ProgressBar, RichLog, Static
 
+from sslrecipe.engine.console import epoch_label, run_eta_label
 from sslrecipe.tui.common import error_message, guarded, size_classes, status_text
 from sslrecipe.tui.runs import (
     LOG_NAME, RUNNING, Note, RunWatcher, TextTail, describe_event, evaluation_metrics, format_metric, format_seconds,
@@ -198,10 +199,14 @@ class MonitorScreen(Screen):
         total = (info.total if info is not None else None) or p.get("total") or 1
         bar.update(total=total, progress=min(step, total))
         parts: list[Any] = [(stage or "", "bold"), f" {step}/{total}"]
+        if epoch_label(p):
+            parts += [("  ·  ", "dim"), epoch_label(p)]
         if isinstance(p.get("images_per_s"), (int, float)):
             parts += [("  ·  ", "dim"), f"{p['images_per_s']:.3g} img/s"]
         if snap["status"] == "running" and step < total and isinstance(p.get("eta_s"), (int, float)):
-            parts += [("  ·  ", "dim"), "ETA ", (format_seconds(p["eta_s"]), "bold")]
+            parts += [("  ·  ", "dim"), "stage ETA ", (format_seconds(p["eta_s"]), "bold")]
+            if run_eta_label(p):
+                parts += [("  ·  ", "dim"), (run_eta_label(p, format_seconds), "bold")]
         if isinstance(p.get("loss"), (int, float)):
             parts += [("  ·  ", "dim"), f"loss {p['loss']:.4f}"]
         if isinstance(p.get("lr"), (int, float)):

@@ -15,6 +15,30 @@ def _fmt_loss(event: dict[str, Any]) -> str:
     return "nan" if loss is None else f"{loss:.4f}"
 
 
+def _fmt_seconds(seconds: float) -> str:
+    minutes, sec = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s" if minutes else f"{sec}s"
+
+
+def epoch_label(e: dict[str, Any]) -> Optional[str]:
+    """"epoch 2/3" (1-based) for a progress event that carries `epochs`; None for older events."""
+    if not isinstance(e.get("epoch"), int) or not isinstance(e.get("epochs"), int):
+        return None
+    return f"epoch {min(e['epoch'] + 1, e['epochs'])}/{e['epochs']}"
+
+
+def run_eta_label(e: dict[str, Any], fmt=_fmt_seconds) -> Optional[str]:
+    """"run ETA ~12m05s + evaluate": the whole-run estimate, "~" when it includes later stages (projected from this
+    stage's speed), and the later stages it could not estimate named; None when the event has none."""
+    seconds = e.get("run_eta_s")
+    if not isinstance(seconds, (int, float)):
+        return None
+    text = f"run ETA {'~' if e.get('run_eta_covers') else ''}{fmt(seconds)}"
+    excludes = e.get("run_eta_excludes") or []
+    return text + (f" + {', '.join(excludes)}" if excludes else "")
+
+
 class ConsoleReporter:
     """Subscribe to an EventLog: `events.subscribe(reporter)`; call `close()` at the end."""
 
@@ -32,9 +56,10 @@ class ConsoleReporter:
     def _ensure_progress(self) -> Progress:
         if self.progress is None:
             self.progress = Progress(
-                TextColumn("[bold]{task.fields[stage]:<9}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("[bold]{task.fields[stage]:<9}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[epoch]}"),
                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[ips]} img/s"),
-                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console, transient=False,
+                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[run_eta]}"),
+                console=self.console, transient=False,
             )
             self.progress.start()
         return self.progress
@@ -80,16 +105,18 @@ class ConsoleReporter:
         if self.rich:
             progress = self._ensure_progress()
             if stage not in self.tasks:
-                self.tasks[stage] = progress.add_task(stage, total=e["total"], stage=stage, loss="-", ips="-")
-            progress.update(self.tasks[stage], completed=e["step"], total=e["total"], loss=_fmt_loss(e), ips=e.get("images_per_s", "-"))
+                self.tasks[stage] = progress.add_task(stage, total=e["total"], stage=stage, loss="-", ips="-", epoch="", run_eta="")
+            progress.update(self.tasks[stage], completed=e["step"], total=e["total"], loss=_fmt_loss(e), ips=e.get("images_per_s", "-"),
+                            epoch=epoch_label(e) or "", run_eta=run_eta_label(e) or "")
             return
         now = time.monotonic()
         if e["step"] == e["total"] or now - self._last_plain >= 2.0:
             self._last_plain = now
             lr = e.get("lr")
+            epoch, run_eta = epoch_label(e), run_eta_label(e)
             self._say(
-                f"[{stage}] step {e['step']}/{e['total']} loss {_fmt_loss(e)} lr {lr:.3g} "
-                f"{e.get('images_per_s', 0)} img/s eta {e.get('eta_s', 0):.0f}s"
+                f"[{stage}] step {e['step']}/{e['total']}{f' {epoch}' if epoch else ''} loss {_fmt_loss(e)} lr {lr:.3g} "
+                f"{e.get('images_per_s', 0)} img/s eta {e.get('eta_s', 0):.0f}s{f', {run_eta}' if run_eta else ''}"
             )
 
     def close(self) -> None:

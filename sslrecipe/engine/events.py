@@ -6,7 +6,10 @@ seconds), `event` and `stage` (null for run-level events). Event names and their
 - run_start: world_size, versions, recipe (path of resolved.yaml), run_dir, pid, layout (of the run directory)
 - stage_start: dir, hash
 - stage_cached: dir, hash
-- progress: step, total, epoch, loss, losses (named parts), lr, images_per_s, eta_s
+- progress: step, total, epoch (0-based; shown 1-based), epochs (of the stage), loss, losses (named parts), lr,
+  images_per_s, eta_s (this stage), run_eta_s (the whole run: this stage plus the later training stages' planned
+  images at this stage's measured seconds per image; null before anything is measured), run_eta_covers (the later
+  stages counted in it) and run_eta_excludes (later stages whose work is unknown in advance, e.g. evaluate: not counted)
 - metric: name, value (also written to RUN/metrics.json at the end)
 - resume: step, checkpoint
 - warning / error: message

@@ -86,6 +86,9 @@ class LoopSettings:
     drop_last: bool = False
     collate_fn: Optional[Callable] = None
     peak_lr: Optional[float] = None  # default: optim.peak_lr(batch_size)
+    # the stages that run after this one, for the whole-run ETA: (name, planned training images or None when not
+    # known in advance); `planned_later` in stages.py builds it
+    later: tuple[tuple[str, Optional[int]], ...] = ()
 
 
 @dataclass
@@ -264,7 +267,8 @@ class TrainLoop:
         self.model.train()
         last_loss = float("nan")
         window_images, window_start = 0, time.perf_counter()
-        started, steps_at_start = time.perf_counter(), step
+        started, steps_at_start, images_since_start = time.perf_counter(), step, 0
+        epochs = math.ceil(s.total_steps * accumulate / self.batches_per_epoch)
         batches = self._batches_from(step * accumulate)
         history: list[dict[str, Any]] = []
         try:
@@ -305,14 +309,17 @@ class TrainLoop:
                     self.after_step(step, s.total_steps)
                 last_loss = parts_sum["loss"]
                 window_images += images
+                images_since_start += images
                 now = time.perf_counter()
                 if step == s.total_steps or step % max(1, min(10, s.total_steps // 50 or 1)) == 0 or now - window_start > 5:
                     ips = window_images / max(now - window_start, 1e-9)
                     rate = (step - steps_at_start) / max(now - started, 1e-9)
+                    eta = (s.total_steps - step) / max(rate, 1e-9)
                     record = self.events.emit(
                         "progress", s.stage, step=step, total=s.total_steps, epoch=(step * accumulate - 1) // self.batches_per_epoch,
-                        loss=last_loss, losses={k: v for k, v in parts_sum.items() if k != "loss"}, lr=lr,
-                        images_per_s=round(ips, 2), eta_s=round((s.total_steps - step) / max(rate, 1e-9), 1),
+                        epochs=epochs, loss=last_loss, losses={k: v for k, v in parts_sum.items() if k != "loss"}, lr=lr,
+                        images_per_s=round(ips, 2), eta_s=round(eta, 1),
+                        **run_eta(eta, (now - started) / max(images_since_start, 1), s.later),
                     )
                     history.append(record)
                     window_images, window_start = 0, now
@@ -339,6 +346,26 @@ class TrainLoop:
             f"Lower {self.s.stage}.lr / blr, set {self.s.stage}.clip_grad, or use precision fp32."
         )
         raise StageError(message)  # the pipeline records it as an `error` event
+
+
+def run_eta(stage_eta: float, seconds_per_image: float, later: Sequence[tuple[str, Optional[int]]]) -> dict[str, Any]:
+    """The whole-run ETA fields of a progress event: this stage's ETA plus, for each later training stage whose
+    planned images are known, those images at this stage's measured seconds per image (a rough figure: a detector
+    and a pre-training method differ in cost per image; the later stage's own ETA replaces it once it starts).
+    Later stages with no planned images (evaluate, YOLO, tiled fine-tuning) are named in `run_eta_excludes` and
+    not counted; `weights` and `report` take seconds and are left out. `run_eta_s` is null when nothing is measured."""
+    covers, excludes, total = [], [], stage_eta
+    for name, images in later:
+        if name in ("weights", "report"):
+            continue
+        if images is None:
+            excludes.append(name)
+        else:
+            covers.append(name)
+            total += images * seconds_per_image
+    finite = math.isfinite(total)
+    return {"run_eta_s": round(total, 1) if finite else None, "run_eta_covers": covers if finite else [],
+            "run_eta_excludes": excludes}
 
 
 def resolve_device(name: str) -> torch.device:

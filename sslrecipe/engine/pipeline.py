@@ -48,6 +48,7 @@ class StageContext:
     stage_hash: str
     events: EventLog
     upstream: dict[str, Path] = field(default_factory=dict)  # stage name -> finished stage dir
+    later: tuple[str, ...] = ()  # the enabled stages after this one in this invocation (for the whole-run ETA)
 
     def warn(self, message: str) -> None:
         self.events.emit("warning", self.name, message=message)
@@ -163,6 +164,9 @@ class Pipeline:
         current: Optional[str] = None
         if lock.unsupported:
             events.emit("warning", None, message=lock.unsupported)
+        planned = [s.name for s in self.stages if s.enabled(recipe)]
+        if until in planned:
+            planned = planned[: planned.index(until) + 1]
         try:
             for stage in self.stages:
                 if not stage.enabled(recipe):
@@ -182,7 +186,8 @@ class Pipeline:
                     raise Interrupted(stage.name, 0, message=f"stopped before {stage.name} (the stages before it are "
                                                              "finished and kept); rerun the same command to continue")
                 else:
-                    self._run_stage(stage, recipe, run_dir, stage_dir, stage_hash, events, done)
+                    later = tuple(planned[planned.index(stage.name) + 1:])
+                    self._run_stage(stage, recipe, run_dir, stage_dir, stage_hash, events, done, later)
                 done[stage.name] = stage_dir
                 if until == stage.name:
                     break
@@ -208,11 +213,11 @@ class Pipeline:
         finally:
             _last_event(events, "run_end", None, status=status, seconds=round(time.time() - started, 2))
 
-    def _run_stage(self, stage, recipe, run_dir, stage_dir, stage_hash, events, done) -> None:
+    def _run_stage(self, stage, recipe, run_dir, stage_dir, stage_hash, events, done, later=()) -> None:
         stage_dir.mkdir(parents=True, exist_ok=True)
         events.emit("stage_start", stage.name, dir=str(stage_dir), hash=stage_hash)
         t0 = time.time()
-        ctx = StageContext(stage.name, recipe, run_dir, stage_dir, stage_hash, events, {n: done[n] for n in stage.needs if n in done})
+        ctx = StageContext(stage.name, recipe, run_dir, stage_dir, stage_hash, events, {n: done[n] for n in stage.needs if n in done}, later)
         summary = stage.run(ctx) or {}
         seconds = round(time.time() - t0, 2)
         atomic_write_text(

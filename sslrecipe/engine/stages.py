@@ -108,6 +108,26 @@ def _total_steps(steps: Optional[int], epochs: Optional[int], n: int, batch_size
     return max(1, (epochs or 1) * per_epoch // accumulate)
 
 
+def planned_later(ctx: StageContext) -> tuple[tuple[str, Optional[int]], ...]:
+    """The stages after this one with their planned training images (steps x batch x accumulate, the steps from
+    `_total_steps` on the data stage's counts), None where unknown before the stage starts (evaluate, YOLO, tiled
+    fine-tuning without finetune.steps): what the loop's whole-run ETA is built from."""
+    recipe, data_dir, out = ctx.recipe, ctx.upstream.get("data"), []
+    for name in ctx.later:
+        images = None
+        if name in ("pretrain_first", "pretrain") and data_dir is not None:
+            p = recipe.pretrain.first if name == "pretrain_first" else recipe.pretrain
+            n = len((data_dir / "unlabeled.txt").read_text().splitlines())
+            images = _total_steps(p.steps, p.epochs, n, p.batch_size, p.accumulate, drop_last=True) * p.batch_size * p.accumulate
+        elif name == "finetune" and data_dir is not None and recipe.finetune.detector != "yolo":
+            f = recipe.finetune
+            if f.steps is not None or not f.train_tile_size:  # tiles: the count is known once the dataset is built
+                n = int(read_manifest(data_dir)["splits"]["train"]["images"])
+                images = _total_steps(f.steps, f.epochs, n, f.batch_size, f.accumulate, drop_last=False) * f.batch_size * f.accumulate
+        out.append((name, images))
+    return tuple(out)
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -424,7 +444,7 @@ def _pretrain(ctx: StageContext, p, key: str) -> dict:
     settings = LoopSettings(
         stage=ctx.name, stage_dir=ctx.stage_dir, stage_hash=ctx.stage_hash, optim=p, batch_size=p.batch_size,
         total_steps=total, seed=recipe.seed, device=device, precision=precision, workers=_loader_workers(recipe, device),
-        checkpoint_every=recipe.runtime.checkpoint_every, drop_last=True, collate_fn=method.collate,
+        checkpoint_every=recipe.runtime.checkpoint_every, drop_last=True, collate_fn=method.collate, later=planned_later(ctx),
     )
     torch.manual_seed(recipe.seed)
     loop = TrainLoop(settings, method, method.param_groups(p.weight_decay), dataset,
@@ -614,7 +634,7 @@ def run_finetune(ctx: StageContext) -> dict:
     settings = LoopSettings(
         stage="finetune", stage_dir=ctx.stage_dir, stage_hash=ctx.stage_hash, optim=optim, batch_size=f.batch_size,
         total_steps=total, seed=finetune_seed(recipe), device=device, precision=precision, workers=_loader_workers(recipe, device),
-        checkpoint_every=recipe.runtime.checkpoint_every, collate_fn=collate_detection,
+        checkpoint_every=recipe.runtime.checkpoint_every, collate_fn=collate_detection, later=planned_later(ctx),
     )
 
     def loss_fn(model, batch):
