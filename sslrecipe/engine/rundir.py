@@ -57,7 +57,7 @@ def run_layout(run_dir: Path) -> int:
     path = Path(run_dir) / FORMAT_NAME
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no record, or no directory yet (creating it says why not)
         return LEGACY_RUN_LAYOUT
     except OSError as e:
         raise RunLayoutError(f"cannot read {path} ({e.strerror}): it says which layout the run directory {run_dir} "
