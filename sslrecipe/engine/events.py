@@ -59,8 +59,11 @@ class EventLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def subscribe(self, listener) -> None:
-        """`listener(event_dict)` is called for every event (the console printer uses this)."""
+        """`listener(event_dict)` is called for every event (the console printer uses this). A listener with an
+        `attach(events)` method is given this log (an experiment tracker reports its own failure with it)."""
         self._listeners.append(listener)
+        if hasattr(listener, "attach"):
+            listener.attach(self)
 
     def emit(self, event: str, stage: Optional[str] = None, **fields: Any) -> dict[str, Any]:
         if event not in EVENT_NAMES:

@@ -16,6 +16,7 @@ from sslrecipe.engine.loop import resolve_device
 from sslrecipe.engine.rundir import RunLock, default_run_dir, record_run_layout, run_layout, storage_error
 from sslrecipe.engine.stages import build_pipeline, publish
 from sslrecipe.recipe import Recipe, load_recipe
+from sslrecipe.report.trackers import build_trackers, check_trackers
 from sslrecipe.signals import graceful_stop
 
 
@@ -76,6 +77,7 @@ def run_recipe(
 
         recipe = apply_method_defaults(recipe)
     check_inputs(recipe, recipe_file)  # before any work: every missing path at once, with the key to set
+    check_trackers(recipe)  # report.loggers' libraries, before any stage
     if recipe.matrix is not None:
         from sslrecipe.engine.matrix import matrix_cells, run_matrix, with_absolute_paths
 
@@ -111,7 +113,8 @@ def run_recipe(
     if stage_root is None and chosen_dir is not None:
         stage_root = cell_stage_root(chosen_dir)  # `sslrecipe run RUN/<cell>`: the matrix's shared stages
     reporter = ConsoleReporter(progress or recipe.runtime.progress) if progress != "off" else None
-    all_listeners = tuple(listeners) + ((reporter,) if reporter else ())
+    trackers = build_trackers(recipe, target)  # report.loggers: TensorBoard, MLflow
+    all_listeners = tuple(listeners) + ((reporter,) if reporter else ()) + tuple(trackers)
 
     def finish(done: dict[str, Path]) -> None:  # while the run directory is still held
         if "report" in done:
@@ -121,6 +124,8 @@ def run_recipe(
         build_pipeline().run(recipe, target, until=until, force=tuple(force), listeners=all_listeners,
                              run_info=run_info, finish=finish, stage_root=stage_root, forced=forced)
     finally:
+        for tracker in trackers:  # normally closed by run_end already
+            tracker.close()
         if reporter:
             reporter.close()
     return target

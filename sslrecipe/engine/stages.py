@@ -822,6 +822,8 @@ def build_pipeline() -> Pipeline:
                              "in_chans": r.backbone.in_chans, "seed": finetune_seed(r), "precision": r.runtime.precision},
                   run_finetune),
             Stage("evaluate", ("data", "finetune"), lambda r: {"evaluate": _dump(r.evaluate)}, run_evaluate),
-            Stage("report", ("data", "evaluate"), lambda r: {"report": _dump(r.report), "name": r.name}, run_report),
+            Stage("report", ("data", "evaluate"),  # loggers mirror events; they change no output
+                  lambda r: {"report": {k: v for k, v in _dump(r.report).items() if k != "loggers"}, "name": r.name},
+                  run_report),
         ]
     )

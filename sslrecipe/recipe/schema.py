@@ -356,6 +356,10 @@ class ReportConfig(Section):
 
     images: int = Field(4, ge=0, description="Test images drawn with their detections.")
     score_threshold: float = Field(0.5, ge=0, le=1, description="Detections drawn on the report images.")
+    loggers: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list, description="Experiment trackers that mirror the progress and metric events: tensorboard "
+        "(RUN/tensorboard/), mlflow (MLFLOW_TRACKING_URI, else RUN/mlruns/). Each needs its extra: "
+        "pip install 'sslrecipe[tensorboard]' / 'sslrecipe[mlflow]'. Not part of any stage hash.")
 
 
 class RuntimeConfig(Section):
