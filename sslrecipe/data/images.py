@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -57,11 +57,17 @@ def list_images(folder: PathLike) -> list[Path]:
         raise DataError(f"image folder not found: {root} — check the path (relative paths are resolved from {Path.cwd()})")
     if not root.is_dir():
         raise DataError(f"{root} is a file, not a folder of images — give the folder that contains the images")
+    return walk_files(root, is_image_file)
+
+
+def walk_files(root: Path, keep: Callable[[str], bool]) -> list[Path]:
+    """The files below ``root`` (recursive, hidden folders skipped) whose name ``keep`` accepts, sorted by their
+    path relative to ``root``."""
     found: list[tuple[str, Path]] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
-            if is_image_file(name):
+            if keep(name):
                 path = Path(dirpath) / name
                 found.append((path.relative_to(root).as_posix(), path))
     found.sort(key=lambda item: item[0])

@@ -20,6 +20,8 @@ from typing import Optional, Union
 
 import numpy as np
 
+from sslrecipe.atomic import atomic_write_file
+from sslrecipe.data.images import walk_files
 from sslrecipe.errors import DataError, SSLRecipeError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -36,16 +38,7 @@ def is_video_file(path: PathLike) -> bool:
 
 def list_videos(folder: PathLike) -> list[Path]:
     """All video files below ``folder`` (recursive, hidden files and folders skipped), sorted by relative path."""
-    root = Path(folder).expanduser()
-    found: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if is_video_file(name):
-                path = Path(dirpath) / name
-                found.append((path.relative_to(root).as_posix(), path))
-    found.sort(key=lambda item: item[0])
-    return [path for _, path in found]
+    return walk_files(Path(folder).expanduser(), is_video_file)
 
 
 def open_video(path: PathLike):
@@ -109,9 +102,8 @@ def _save_png(arr: np.ndarray, target: Path) -> None:
         im = Image.fromarray(arr[:, :, 0]) if arr.dtype == np.uint16 else Image.fromarray(arr[:, :, 0], "L")
     else:
         im = Image.fromarray(arr, "RGB")
-    tmp = target.with_name(target.name + ".tmp")
-    im.save(tmp, format="PNG")
-    os.replace(tmp, target)  # a killed extraction never leaves a truncated frame under the final name
+    # a killed extraction never leaves a truncated frame under the final name
+    atomic_write_file(target, lambda tmp: im.save(tmp, format="PNG"), suffix=".png")
 
 
 def extract_frames(path: PathLike, out_dir: PathLike, stride: int) -> tuple[list[Path], Optional[str]]:
